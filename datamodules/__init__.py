@@ -1,0 +1,20 @@
+"""DataModules shared by every stage: catalogue, leave-last-out split and per-model views."""
+
+from datamodules.base import RecDataModule
+from datamodules.catalogue import Catalogue, DataFormatError, DatasetStatistics, load_lcrec, write_lcrec
+from datamodules.sequence import SequenceDataModule
+from datamodules.split import LeaveLastOutSplit
+from datamodules.synthetic import SyntheticSpec, write_synthetic
+
+__all__ = [
+    "Catalogue",
+    "DataFormatError",
+    "DatasetStatistics",
+    "LeaveLastOutSplit",
+    "RecDataModule",
+    "SequenceDataModule",
+    "SyntheticSpec",
+    "load_lcrec",
+    "write_lcrec",
+    "write_synthetic",
+]

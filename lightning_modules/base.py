@@ -1,0 +1,128 @@
+"""Base class of the ID-based recommenders (SASRec now; DCCF, BERT4Rec, FMLP-Rec share it).
+
+It owns what every ID model has in common: building layers once the catalogue size is known
+(``configure_model``), full-catalogue ranking at evaluation with the user's history masked out,
+HR/NDCG logging under ``val/...`` and ``test/...``, item-embedding access for the export to the tokenizer,
+the optimiser, and a dataset fingerprint in checkpoints so a checkpoint is never evaluated on another dataset.
+A new baseline implements :meth:`build`, :meth:`training_loss`, :meth:`score_items` and :meth:`item_embeddings`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_modules.metrics import TopKMetrics, rank_of_target
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint trained on a different dataset (or catalogue size) than the one configured."""
+
+
+class IDRecommender(L.LightningModule):
+    """Common training/evaluation logic of ID-based recommenders.
+
+    Args:
+        lr: Adam learning rate.
+        weight_decay: Adam(W) weight decay.
+        mask_history: at evaluation, exclude the items the user already interacted with from the ranking.
+        top_k: length of the ranked lists returned by ``predict``.
+    """
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, mask_history: bool = True, top_k: int = 20) -> None:
+        super().__init__()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.mask_history = mask_history
+        self.top_k = top_k
+        self.num_items: int | None = None
+        self.dataset_fingerprint: dict[str, Any] | None = None
+        self.val_metrics = TopKMetrics()
+        self.test_metrics = TopKMetrics()
+        self._built = False
+
+    # ------------------------------------------------------------------------------------------ building
+    def build(self, num_items: int) -> None:
+        """Create the layers for a catalogue of ``num_items`` items (ids ``0..num_items-1``, pad = ``num_items``)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        catalogue = getattr(datamodule, "catalogue", None)
+        if catalogue is None:
+            raise RuntimeError(f"{type(self).__name__} needs a datamodule with a catalogue (datamodules.RecDataModule).")
+        self.num_items = catalogue.num_items
+        self.dataset_fingerprint = {"name": catalogue.name, "content_hash": catalogue.content_hash, "num_items": catalogue.num_items}
+        self.attach_data(datamodule)
+
+    def attach_data(self, datamodule: Any) -> None:
+        """Hook for models that need more than the catalogue size (e.g. DCCF's training graph)."""
+
+    def configure_model(self) -> None:
+        if not self._built:
+            if self.num_items is None:
+                raise RuntimeError("configure_model() before setup(): the catalogue size is unknown.")
+            self.build(self.num_items)
+            self._built = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dataset_fingerprint"] = self.dataset_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("dataset_fingerprint")
+        if saved is not None and self.dataset_fingerprint is not None and saved != self.dataset_fingerprint:
+            raise CheckpointMismatchError(
+                f"checkpoint was trained on dataset {saved['name']} (hash {saved['content_hash'][:12]}, {saved['num_items']} items) "
+                f"but the configured data is {self.dataset_fingerprint['name']} (hash {self.dataset_fingerprint['content_hash'][:12]}, "
+                f"{self.dataset_fingerprint['num_items']} items). Use the checkpoint of this dataset or change `data`."
+            )
+
+    # ------------------------------------------------------------------------------------ model contract
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores ``[B, num_items]`` of every catalogue item for each sample of an evaluation batch."""
+        raise NotImplementedError
+
+    def item_embeddings(self) -> torch.Tensor:
+        """``[num_items, dim]`` item representations (row i = item i) for the tokenizer stage."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------- loop hooks
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def _masked_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        scores = self.score_items(batch).float()
+        if self.mask_history and "seen_rows" in batch:
+            scores[batch["seen_rows"], batch["seen_items"]] = float("-inf")
+        return scores
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_metrics.update(rank_of_target(self._masked_scores(batch), batch["target"]))
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_metrics.update(rank_of_target(self._masked_scores(batch), batch["target"]))
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        scores = self._masked_scores(batch)
+        return {"user": batch["user"], "top_items": scores.topk(self.top_k, dim=1).indices}
+
+    def _log_metrics(self, metric: TopKMetrics, prefix: str) -> None:
+        values = metric.compute()
+        self.log_dict({f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val")
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -1,0 +1,82 @@
+"""The ``lightning`` / ``semconv`` command: one LightningCLI for every stage.
+
+Any LightningModule / LightningDataModule is selectable by ``class_path`` (subclass mode), configs use
+OmegaConf interpolation, and several ``--config`` files stack (trainer, logger and strategy pieces live in
+``configs/trainer``, ``configs/logger`` and ``configs/strategy``). ``fit`` with ``test_after_fit: true``
+tests the best checkpoint when training ends, so one command trains, evaluates and prints the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import lightning as L
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+PROJECT_LOGGERS = ("datamodules", "lightning_modules", "callbacks")
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(levelname)s %(name)s] %(message)s"))
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class SemConvCLI(LightningCLI):
+    """LightningCLI with a ``test_after_fit`` switch."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After `fit`, run `test` on the best checkpoint (last weights if none was saved).",
+        )
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        if self.trainer.interrupted:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        ckpt_path = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> SemConvCLI:
+    """Parse ``args`` (``sys.argv`` when None), instantiate, and run the subcommand when ``run``."""
+    # W&B stays offline unless the user opts in (WANDB_MODE=online); nothing leaves the machine by default.
+    os.environ.setdefault("WANDB_MODE", "offline")
+    # Configs write ${trainer.default_root_dir}; under a subcommand the merged config is nested (fit.trainer...),
+    # so absolute interpolation paths must be read relative to the subcommand's root.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    _configure_logging()
+    return SemConvCLI(
+        model_class=L.LightningModule,
+        datamodule_class=L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # "omegaconf+" resolves interpolation after all stacked --config files are merged, so a logger piece can
+        # refer to ${trainer.default_root_dir} set by the model config (plain "omegaconf" resolves per file).
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=42,
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lightning`` and ``semconv``; returns None so the console script exits with 0."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` building blocks, kept apart from the LightningModules that train them."""

@@ -1,0 +1,116 @@
+"""The `lightning`/`semconv` command: every shipped config parses; tiny fit+test runs through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_modules.cli import build_cli, main
+from tests.conftest import CONFIGS, REPO, tiny_run_args
+
+# Pieces that only make sense stacked on a model config: parsed together with the quickstart config.
+PIECES = sorted(str(path.relative_to(CONFIGS)) for sub in ("trainer", "logger", "strategy") for path in (CONFIGS / sub).glob("*.yaml"))
+RUN_CONFIGS = sorted(
+    str(path.relative_to(CONFIGS)) for path in CONFIGS.rglob("*.yaml") if path.parent.name not in ("trainer", "logger", "strategy", "sweeps")
+)
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS)
+def test_every_run_config_parses(config):
+    cli = build_cli(["--config", str(CONFIGS / config)], run=False)
+    assert cli.model is not None and cli.datamodule is not None
+
+
+@pytest.mark.parametrize("piece", PIECES)
+def test_every_config_piece_stacks(piece, capsys):
+    # parse and print only: strategies such as DeepSpeed cannot be instantiated on a CPU-only machine
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--config", str(CONFIGS / "synthetic/sasrec.yaml"), "--config", str(CONFIGS / piece), "--print_config"], run=False)
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "trainer:" in printed and "lightning_modules.SASRec" in printed
+    assert "${" not in printed  # interpolation across stacked files is resolved
+    if piece.startswith("logger/"):
+        assert "save_dir: runs/synthetic/sasrec" in printed
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "synthetic/sasrec.yaml"), "--model.init_args.hiden_size=3"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "hiden_size" in err
+
+
+def test_unknown_key_in_a_config_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    batch_sise: 3\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "synthetic/sasrec.yaml"), "--config", str(bad)])
+    assert "batch_sise" in capsys.readouterr().err
+
+
+def test_fit_then_test_writes_metrics_json(synthetic_dir, tmp_path):
+    root = tmp_path / "run"
+    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=2")])
+    version_dir = root / "csv" / "version_0"
+    test_record = json.loads((version_dir / "test_metrics.json").read_text())
+    val_record = json.loads((version_dir / "val_metrics.json").read_text())
+    assert set(test_record["metrics"]) == {"hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10"}
+    assert test_record["best_checkpoint"].endswith(".ckpt") and val_record["epoch"] == 1
+    assert test_record["dataset"]["users"] == 300
+    metrics = test_record["metrics"]
+    assert 0 <= metrics["hr@1"] <= metrics["hr@5"] <= metrics["hr@10"] <= 1
+    assert metrics["ndcg@5"] <= metrics["ndcg@10"] <= metrics["hr@10"]
+    assert (version_dir / "config.yaml").is_file()
+
+    # `lightning test --ckpt_path` on the best checkpoint reproduces the numbers
+    retest_root = tmp_path / "retest"
+    main(["test", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, retest_root), "--ckpt_path", test_record["best_checkpoint"]])
+    retested = json.loads((retest_root / "csv" / "version_0" / "test_metrics.json").read_text())["metrics"]
+    assert retested == pytest.approx(metrics, abs=1e-6)
+
+    # rerunning into the same directory does not abort on the existing config.yaml
+    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.fast_dev_run=1")])
+
+
+def test_checkpoint_for_another_dataset_is_refused(synthetic_dir, tmp_path):
+    from datamodules import SyntheticSpec, write_synthetic
+
+    root = tmp_path / "run"
+    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false")])
+    checkpoint = next((root / "csv" / "version_0" / "checkpoints").glob("epoch=*.ckpt"))
+    other = write_synthetic(tmp_path / "other", SyntheticSpec(num_users=300, num_items=120, num_categories=6, seed=99))
+    with pytest.raises(ValueError, match="checkpoint was trained on dataset Synthetic .* Use the checkpoint of this dataset"):
+        main(["test", *tiny_run_args("synthetic/sasrec.yaml", other, tmp_path / "other_run"), "--ckpt_path", str(checkpoint)])
+
+
+def test_console_scripts_are_installed():
+    from importlib.metadata import entry_points
+
+    scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts") if entry.name in ("lightning", "semconv")}
+    assert scripts == {"lightning": "lightning_modules.cli:main", "semconv": "lightning_modules.cli:main"}
+    result = subprocess.run(["lightning", "--help"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert all(subcommand in result.stdout for subcommand in ("fit", "validate", "test", "predict"))
+
+
+def test_predict_writes_top_k_per_user(synthetic_dir, tmp_path):
+    root = tmp_path / "run"
+    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false")])
+    checkpoint = next((root / "csv" / "version_0" / "checkpoints").glob("epoch=*.ckpt"))
+    main(["predict", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "predict"), "--ckpt_path", str(checkpoint)])
+    lines = (tmp_path / "predict" / "csv" / "version_0" / "top_k.rank0.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [record["user"] for record in records] == list(range(300))
+    from datamodules import load_lcrec
+
+    catalogue = load_lcrec(synthetic_dir, "Synthetic")
+    for record in records[::37]:
+        assert len(record["items"]) == 20 == len(set(record["items"]))
+        # history masking: nothing the user already saw (before the test target) is recommended
+        assert not set(record["items"]) & set(catalogue.sequence(record["user"])[:-1].tolist())
