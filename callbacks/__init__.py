@@ -1,6 +1,20 @@
 """Callbacks: metric files, artifact export, k-means initialisation, collision logging, beam-search evaluation."""
 
+from callbacks.collisions import CollisionLogger
+from callbacks.embedding_export import ItemEmbeddingExporter
+from callbacks.index_export import CodeIndexExporter, assign_codes, load_code_index
+from callbacks.kmeans_init import KMeansInit
 from callbacks.predictions import TopKWriter
 from callbacks.results import MetricsWriter, load_metrics
 
-__all__ = ["MetricsWriter", "TopKWriter", "load_metrics"]
+__all__ = [
+    "CodeIndexExporter",
+    "CollisionLogger",
+    "ItemEmbeddingExporter",
+    "KMeansInit",
+    "MetricsWriter",
+    "TopKWriter",
+    "assign_codes",
+    "load_code_index",
+    "load_metrics",
+]

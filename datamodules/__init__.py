@@ -2,6 +2,8 @@
 
 from datamodules.base import RecDataModule
 from datamodules.catalogue import Catalogue, DataFormatError, DatasetStatistics, load_lcrec, write_lcrec
+from datamodules.graph import GraphDataModule
+from datamodules.items import ItemDataModule, load_item_embeddings
 from datamodules.sequence import SequenceDataModule
 from datamodules.split import LeaveLastOutSplit
 from datamodules.synthetic import SyntheticSpec, write_synthetic
@@ -10,10 +12,13 @@ __all__ = [
     "Catalogue",
     "DataFormatError",
     "DatasetStatistics",
+    "GraphDataModule",
+    "ItemDataModule",
     "LeaveLastOutSplit",
     "RecDataModule",
     "SequenceDataModule",
     "SyntheticSpec",
+    "load_item_embeddings",
     "load_lcrec",
     "write_lcrec",
     "write_synthetic",

@@ -2,9 +2,21 @@
 
 from lightning_modules.base import CheckpointMismatchError, IDRecommender
 from lightning_modules.bert4rec import BERT4Rec
+from lightning_modules.codebook import AlignmentTokenizer
+from lightning_modules.dccf import DCCF
 from lightning_modules.fmlp import FMLPRec
 from lightning_modules.metrics import TopKMetrics, rank_in_list, rank_of_target
 from lightning_modules.sasrec import SASRec
 
-__all__ = ["CheckpointMismatchError", "IDRecommender", "SASRec", "TopKMetrics", "rank_in_list", "rank_of_target"]
-__all__ += ["BERT4Rec", "FMLPRec"]
+__all__ = [
+    "AlignmentTokenizer",
+    "BERT4Rec",
+    "CheckpointMismatchError",
+    "DCCF",
+    "FMLPRec",
+    "IDRecommender",
+    "SASRec",
+    "TopKMetrics",
+    "rank_in_list",
+    "rank_of_target",
+]

@@ -1,0 +1,193 @@
+"""Export the best checkpoint's item embeddings for the tokenizer stage (the paper's "Recsys emb").
+
+After ``fit``, :class:`ItemEmbeddingExporter` writes ``item_embeddings.pt`` (``[num_items, dim]`` float32, row i =
+item i) and then ``manifest.json`` into ``output_dir``. The manifest names the dataset (name and content hash),
+the shape, the model class and config, the checkpoint and its validation metrics; :func:`load_item_embeddings`
+checks it before the next stage uses the tensor. Works with any :class:`lightning_modules.IDRecommender`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from datamodules.artifacts import MANIFEST_NAME, atomic_write, read_manifest, sha256_file, write_manifest
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_NAME = "item_embeddings.pt"
+KIND = "item_embeddings"
+
+
+def _jsonable(value: Any) -> Any:
+    """Hyperparameters as plain JSON (dataclass specs, paths and other objects become dicts/strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class ItemEmbeddingExporter(L.Callback):
+    """Writes the best checkpoint's item embeddings and a manifest into ``output_dir`` when ``fit`` ends.
+
+    The best checkpoint is ``trainer.checkpoint_callback.best_model_path`` (the current weights when there is
+    none); the module's weights are restored afterwards. An existing artifact of the same dataset is replaced;
+    one of another dataset (name or content hash) is refused at ``setup``, before training starts.
+
+    Args:
+        output_dir: artifact directory, e.g. ``artifacts/games/dccf_embeddings``.
+        overwrite_other_dataset: replace an artifact that was written for a different dataset.
+    """
+
+    def __init__(self, output_dir: str, overwrite_other_dataset: bool = False) -> None:
+        self.output_dir = output_dir
+        self.overwrite_other_dataset = overwrite_other_dataset
+        self._val_by_step: dict[int, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------------------------------ checks
+    def check_target(self, name: str, content_hash: str) -> None:
+        """Refuse to replace another dataset's artifact unless ``overwrite_other_dataset``."""
+        if not (Path(self.output_dir) / MANIFEST_NAME).is_file() or self.overwrite_other_dataset:
+            return
+        existing = read_manifest(self.output_dir)
+        if existing.get("dataset") != name or existing.get("content_hash") != content_hash:
+            raise ValueError(
+                f"{self.output_dir} holds item embeddings of dataset {existing.get('dataset')} (hash "
+                f"{str(existing.get('content_hash'))[:12]}), but this run trains on {name} (hash {content_hash[:12]}). "
+                "Point ItemEmbeddingExporter's `output_dir` at another directory, or set `overwrite_other_dataset: true` "
+                "to replace it."
+            )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            catalogue = _catalogue(trainer)
+            self.check_target(catalogue.name, catalogue.content_hash)  # fail before hours of training, not after
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # remember every validation's metrics, to report those of the epoch whose checkpoint is exported
+        if not trainer.sanity_checking:
+            self._val_by_step[trainer.global_step] = _val_metrics(trainer)
+
+    # ------------------------------------------------------------------------------------------ export
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        best_path = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        original = {key: value.detach().clone() for key, value in pl_module.state_dict().items()}
+        step, epoch = trainer.global_step, trainer.current_epoch
+        if best_path:
+            saved = torch.load(best_path, map_location=pl_module.device, weights_only=False)
+            pl_module.on_load_checkpoint(saved)  # the dataset-fingerprint check of IDRecommender
+            pl_module.load_state_dict(saved["state_dict"])
+            step, epoch = saved.get("global_step", step), saved.get("epoch", epoch)
+        else:
+            log.warning("no best checkpoint (checkpointing off or no validation): exporting the current weights")
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                embeddings = pl_module.item_embeddings().detach().float().cpu().contiguous()
+        finally:
+            pl_module.load_state_dict(original)
+            pl_module.train(was_training)
+        val_metrics = self._val_by_step.get(step) or _val_metrics(trainer)
+        score = getattr(checkpoint, "best_model_score", None) if best_path else None
+        self.export(trainer, pl_module, embeddings, {
+            "checkpoint": best_path or None,
+            "checkpoint_epoch": epoch,
+            "checkpoint_global_step": step,
+            "monitor": getattr(checkpoint, "monitor", None) if best_path else None,
+            "best_score": None if score is None or math.isnan(float(score)) else float(score),
+            "val_metrics": val_metrics,
+        })
+
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, embeddings: torch.Tensor, extra: dict[str, Any]) -> Path:
+        """Write the tensor, then the manifest (its presence marks a complete artifact)."""
+        catalogue = _catalogue(trainer)
+        self.check_target(catalogue.name, catalogue.content_hash)
+        if embeddings.dim() != 2 or embeddings.shape[0] != catalogue.num_items:
+            raise ValueError(
+                f"{type(pl_module).__name__}.item_embeddings() has shape {tuple(embeddings.shape)}, "
+                f"expected [{catalogue.num_items}, dim]"
+            )
+        if not torch.isfinite(embeddings).all():
+            raise ValueError(f"{type(pl_module).__name__}.item_embeddings() contains NaN/inf; not exporting them")
+        directory = Path(self.output_dir)
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)  # a crash below must not leave an old manifest on new data
+        path = atomic_write(directory / EMBEDDINGS_NAME, lambda handle: torch.save(embeddings, handle), mode="wb")
+        datamodule = trainer.datamodule
+        config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+        manifest = {
+            "kind": KIND,
+            "dataset": catalogue.name,
+            "content_hash": catalogue.content_hash,
+            "num_items": catalogue.num_items,
+            "dim": int(embeddings.shape[1]),
+            "file": EMBEDDINGS_NAME,
+            "sha256": sha256_file(path),
+            "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "model_hparams": _jsonable(dict(pl_module.hparams)),
+            "datamodule_class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+            "datamodule_hparams": _jsonable(dict(getattr(datamodule, "hparams", {}))),
+            "config_file": str(config) if config.is_file() else None,
+            **extra,
+        }
+        write_manifest(directory, manifest)
+        log.info("item embeddings %s of %s written to %s", tuple(embeddings.shape), catalogue.name, directory)
+        return directory
+
+
+def _catalogue(trainer: L.Trainer):
+    catalogue = getattr(trainer.datamodule, "catalogue", None)
+    if catalogue is None:
+        raise RuntimeError("ItemEmbeddingExporter needs a datamodule with a catalogue (datamodules.RecDataModule).")
+    return catalogue
+
+
+def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {
+        key.split("/", 1)[1]: float(value)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith("val/") and value.numel() == 1
+    }
+
+
+def load_item_embeddings(
+    directory: str | Path, expected_num_items: int | None = None, expected_content_hash: str | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Load an exported ``[num_items, dim]`` float32 tensor after checking its manifest; returns (tensor, manifest)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    problems = []
+    if manifest.get("kind") != KIND:
+        problems.append(f"kind is {manifest.get('kind')!r}, not {KIND!r}")
+    if expected_num_items is not None and manifest.get("num_items") != expected_num_items:
+        problems.append(f"it has {manifest.get('num_items')} items, this run's catalogue has {expected_num_items}")
+    if expected_content_hash is not None and manifest.get("content_hash") != expected_content_hash:
+        problems.append(f"it was built from dataset {manifest.get('dataset')} with another content hash")
+    path = directory / manifest.get("file", EMBEDDINGS_NAME)
+    if not problems and not path.is_file():
+        problems.append(f"{path.name} is missing")
+    if not problems and manifest.get("sha256") and sha256_file(path) != manifest["sha256"]:
+        problems.append(f"{path.name} does not match the manifest's sha256 (modified after export)")
+    if problems:
+        raise ValueError(f"{directory}: {'; '.join(problems)}. Re-export the embeddings for this dataset (fit the ID model).")
+    embeddings = torch.load(path, map_location="cpu", weights_only=True)
+    if tuple(embeddings.shape) != (manifest["num_items"], manifest["dim"]) or embeddings.dtype != torch.float32:
+        raise ValueError(
+            f"{path}: tensor {tuple(embeddings.shape)} {embeddings.dtype} disagrees with the manifest "
+            f"({manifest['num_items']}, {manifest['dim']}) float32; re-export the embeddings."
+        )
+    return embeddings, manifest

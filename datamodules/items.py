@@ -1,0 +1,225 @@
+"""The items view for the Alignment Tokenization stage: one sample per catalogue item.
+
+Each batch holds the items' behaviour embeddings (exported by the ID-model stage, e.g. DCCF's
+``ItemEmbeddingExporter``) and their LLM embeddings (mean LLM input embedding over title + description)::
+
+    {"item": [B], "embedding": [B, d], "llm_embedding": [B, D] (zeros without text), "has_text": [B] bool}
+
+Training batches are shuffled; validation serves every item once, in order (the collision statistics need the
+whole catalogue); predict serves the catalogue, or the new items of ``cold_start_embeddings``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.artifacts import read_manifest, sha256_file
+from datamodules.base import RecDataModule, Source
+from datamodules.catalogue import Catalogue, DataFormatError
+from datamodules.llm_embeddings import compute_llm_embeddings, item_texts
+from datamodules.synthetic import SyntheticSpec
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_FILES = ("item_embeddings.pt", "item_embeddings.npy")
+
+
+def read_matrix(path: Path) -> torch.Tensor:
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path))
+    value = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(value, dict):  # {"item_embeddings": tensor} / {"embeddings": tensor}
+        tensors = [value[key] for key in ("item_embeddings", "embeddings", "weight") if key in value]
+        if not tensors:
+            raise DataFormatError(f"{path}: a dict without an 'item_embeddings' or 'embeddings' tensor (keys: {sorted(value)}).")
+        value = tensors[0]
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise DataFormatError(f"{path}: expected a [num_items, dim] tensor, got {type(value).__name__}.")
+    return value
+
+
+def check_embeddings(matrix: torch.Tensor, rows: int | None, what: str) -> torch.Tensor:
+    """Validate a ``[rows, dim]`` embedding matrix (shape, finiteness) and return it as float32."""
+    if matrix.dim() != 2:
+        raise DataFormatError(f"{what}: expected a 2-D [num_items, dim] matrix, got shape {list(matrix.shape)}.")
+    if rows is not None and matrix.shape[0] != rows:
+        raise DataFormatError(
+            f"{what}: {matrix.shape[0]} rows but the catalogue has {rows} items (row i must be item i). Export the "
+            "embeddings from a model trained on this dataset."
+        )
+    matrix = matrix.float()
+    bad = torch.nonzero(~torch.isfinite(matrix).all(1)).flatten()
+    if len(bad):
+        shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if len(bad) > 10 else "")
+        raise DataFormatError(
+            f"{what}: {len(bad)} row(s) contain NaN or inf (rows {shown}). The model that exported them diverged; "
+            "retrain it (lower lr) and export again."
+        )
+    return matrix
+
+
+def load_item_embeddings(source: str | Path, catalogue: Catalogue) -> tuple[torch.Tensor, dict]:
+    """Behaviour embeddings ``[num_items, dim]`` of the catalogue from an artifact directory or a bare file.
+
+    A directory must hold ``item_embeddings.pt`` (or ``.npy``) and a ``manifest.json`` whose ``num_items``
+    and dataset hash match the catalogue; a bare ``.pt`` / ``.npy`` file is checked by row count only.
+
+    Returns:
+        The matrix and its provenance (path, sha256, manifest) for downstream manifests.
+    """
+    path = Path(source)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        if manifest.get("kind", "item_embeddings") != "item_embeddings":
+            raise DataFormatError(f"{path}: manifest kind is {manifest.get('kind')!r}, not 'item_embeddings'.")
+        mismatches = [
+            f"{key} {manifest[key]!r} != {value!r}"
+            for key, value in (("num_items", catalogue.num_items), ("content_hash", catalogue.content_hash))
+            if key in manifest and manifest[key] != value
+        ]
+        if mismatches:
+            raise DataFormatError(
+                f"{path}: embeddings were exported for another dataset ({'; '.join(mismatches)}; this run uses "
+                f"{catalogue.name}). Export them from a model trained on this dataset."
+            )
+        names = [manifest["file"]] if manifest.get("file") else list(EMBEDDING_FILES)
+        files = [path / name for name in names if (path / name).is_file()]
+        if not files:
+            raise FileNotFoundError(f"{path}: none of {', '.join(names)} found in the embedding artifact; re-export it.")
+        file = files[0]
+        digest = sha256_file(file)
+        if manifest.get("sha256") and digest != manifest["sha256"]:
+            raise DataFormatError(f"{file}: contents do not match the manifest's sha256 (modified after export); re-export it.")
+    elif path.is_file():
+        manifest, file, digest = {}, path, sha256_file(path)
+    else:
+        raise FileNotFoundError(
+            f"embeddings {path} not found. Set `data.init_args.embeddings` to the directory written by the ID model's "
+            "ItemEmbeddingExporter (e.g. artifacts/games/dccf_embeddings) or to a [num_items, dim] .pt/.npy file."
+        )
+    matrix = check_embeddings(read_matrix(file), catalogue.num_items, str(file))
+    return matrix, {"path": str(file.resolve()), "sha256": digest, "manifest": manifest}
+
+
+class ItemSamples(Dataset):
+    """Item rows of precomputed tensors; batches gathered in one indexing op (``__getitems__``)."""
+
+    def __init__(self, embeddings: torch.Tensor, llm: torch.Tensor, has_text: torch.Tensor, first_id: int = 0) -> None:
+        self.embeddings, self.llm, self.has_text, self.first_id = embeddings, llm, has_text, first_id
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        return {"item": rows_t + self.first_id, "embedding": self.embeddings[rows_t], "llm_embedding": self.llm[rows_t], "has_text": self.has_text[rows_t]}
+
+
+class ItemDataModule(RecDataModule):
+    """Catalogue items with their behaviour and LLM embeddings, for the codebook (tokenizer) stage.
+
+    Args:
+        data_dir: LC-Rec / raw Amazon directory (see :class:`datamodules.base.RecDataModule`).
+        dataset: dataset name; inferred when the directory holds exactly one.
+        source: ``auto``, ``lcrec``, ``amazon_raw`` or ``synthetic``.
+        processed_dir: where raw Amazon files are converted to LC-Rec format.
+        synthetic: shape of the synthetic dataset (``source: synthetic`` only).
+        max_history: unused by this view; kept so the catalogue and split match the other stages.
+        batch_size: training batch size (items).
+        eval_batch_size: validation/predict batch size.
+        num_workers: DataLoader workers.
+        seed: seed of the RecDataModule (shuffling is Lightning's).
+        embeddings: behaviour embeddings: an artifact directory (``item_embeddings.pt`` + ``manifest.json``)
+            or a bare ``[num_items, dim]`` ``.pt`` / ``.npy`` file.
+        llm_path: local Hugging Face model directory (tokenizer + weights) for the LLM embeddings; None
+            disables them (every item then counts as without text).
+        llm_cache_dir: cache of the LLM embeddings (default ``artifacts/llm_embeddings/<dataset>``).
+        llm_batch_size: items tokenised and pooled per batch.
+        llm_max_tokens: tokens per item text beyond which it is truncated.
+        text_fields: item text fields pooled into the LLM embedding (the paper: title and description).
+        cold_start_embeddings: ``[M, dim]`` behaviour embeddings of new items; ``predict`` then codes these
+            (item ids ``num_items .. num_items + M - 1``) instead of the catalogue.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/synthetic",
+        dataset: str | None = None,
+        source: Source = "auto",
+        processed_dir: str | None = None,
+        synthetic: SyntheticSpec | None = None,
+        max_history: int = 20,
+        batch_size: int = 1024,
+        eval_batch_size: int = 4096,
+        num_workers: int = 0,
+        seed: int = 42,
+        embeddings: str = "artifacts/synthetic/dccf_embeddings",
+        llm_path: str | None = None,
+        llm_cache_dir: str | None = None,
+        llm_batch_size: int = 64,
+        llm_max_tokens: int = 512,
+        text_fields: list[str] | None = None,
+        cold_start_embeddings: str | None = None,
+    ) -> None:
+        super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
+        self.embeddings = embeddings
+        self.llm_path = llm_path
+        self.llm_cache_dir = llm_cache_dir
+        self.llm_batch_size = llm_batch_size
+        self.llm_max_tokens = llm_max_tokens
+        self.text_fields = list(text_fields or ["title", "description"])
+        self.cold_start_embeddings = cold_start_embeddings
+        self.item_embeddings: torch.Tensor | None = None
+        self.cold_start: torch.Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.item_embeddings is not None:
+            return
+        catalogue = self.catalogue
+        self.item_embeddings, self.embedding_source = load_item_embeddings(self.embeddings, catalogue)
+        n = catalogue.num_items
+        texts = item_texts(catalogue.item_text, n, self.text_fields)
+        if self.llm_path is not None and any(texts):
+            cache = Path(self.llm_cache_dir) if self.llm_cache_dir else Path("artifacts") / "llm_embeddings" / catalogue.name
+            self.llm_embeddings, self.has_text = compute_llm_embeddings(self.llm_path, texts, cache, self.llm_batch_size, self.llm_max_tokens)
+        else:
+            if self.llm_path is not None:
+                log.warning("%s has no item text; LLM embeddings are skipped (every item lacks text)", catalogue.name)
+            self.llm_embeddings, self.has_text = torch.zeros(n, 0), torch.zeros(n, dtype=torch.bool)
+        without = n - int(self.has_text.sum())
+        if self.llm_path is not None and without:
+            log.info("%s: %d of %d items have no title/description; they are excluded from the LLM alignment loss", catalogue.name, without, n)
+        if self.cold_start_embeddings is not None:
+            path = Path(self.cold_start_embeddings)
+            if not path.is_file():
+                raise FileNotFoundError(f"cold_start_embeddings {path} not found (a [num_new_items, dim] .pt/.npy file).")
+            self.cold_start = check_embeddings(read_matrix(path), None, str(path))
+            if self.cold_start.shape[1] != self.item_embeddings.shape[1]:
+                raise DataFormatError(
+                    f"{path}: dim {self.cold_start.shape[1]} != the catalogue embeddings' dim {self.item_embeddings.shape[1]}."
+                )
+        self.datasets = {"items": ItemSamples(self.item_embeddings, self.llm_embeddings, self.has_text)}
+        if self.cold_start is not None:
+            m = self.cold_start.shape[0]
+            self.datasets["cold_start"] = ItemSamples(self.cold_start, torch.zeros(m, self.llm_embeddings.shape[1]), torch.zeros(m, dtype=torch.bool), first_id=n)
+
+    @property
+    def llm_dim(self) -> int:
+        return int(self.llm_embeddings.shape[1])
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["items"], self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["items"], self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets.get("cold_start", self.datasets["items"]), self.eval_batch_size, shuffle=False)
