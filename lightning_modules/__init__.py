@@ -6,6 +6,7 @@ from lightning_modules.codebook import AlignmentTokenizer
 from lightning_modules.dccf import DCCF
 from lightning_modules.fmlp import FMLPRec
 from lightning_modules.metrics import TopKMetrics, rank_in_list, rank_of_target
+from lightning_modules.popularity import MostPopular
 from lightning_modules.sasrec import SASRec
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "DCCF",
     "FMLPRec",
     "IDRecommender",
+    "MostPopular",
     "SASRec",
     "TopKMetrics",
     "rank_in_list",
