@@ -3,7 +3,10 @@
 from datamodules.base import RecDataModule
 from datamodules.catalogue import Catalogue, DataFormatError, DatasetStatistics, load_lcrec, write_lcrec
 from datamodules.graph import GraphDataModule
+from datamodules.item_index import ItemIndex, load_item_index
 from datamodules.items import ItemDataModule, load_item_embeddings
+from datamodules.prompt_tasks import TaskWeights
+from datamodules.prompts import PromptDataModule
 from datamodules.sequence import SequenceDataModule
 from datamodules.split import LeaveLastOutSplit
 from datamodules.synthetic import SyntheticSpec, write_synthetic
@@ -14,11 +17,15 @@ __all__ = [
     "DatasetStatistics",
     "GraphDataModule",
     "ItemDataModule",
+    "ItemIndex",
     "LeaveLastOutSplit",
+    "PromptDataModule",
     "RecDataModule",
     "SequenceDataModule",
     "SyntheticSpec",
+    "TaskWeights",
     "load_item_embeddings",
+    "load_item_index",
     "load_lcrec",
     "write_lcrec",
     "write_synthetic",

@@ -5,6 +5,7 @@ from lightning_modules.bert4rec import BERT4Rec
 from lightning_modules.codebook import AlignmentTokenizer
 from lightning_modules.dccf import DCCF
 from lightning_modules.fmlp import FMLPRec
+from lightning_modules.llm import GenerativeRecommender
 from lightning_modules.metrics import TopKMetrics, rank_in_list, rank_of_target
 from lightning_modules.popularity import MostPopular
 from lightning_modules.sasrec import SASRec
@@ -15,6 +16,7 @@ __all__ = [
     "CheckpointMismatchError",
     "DCCF",
     "FMLPRec",
+    "GenerativeRecommender",
     "IDRecommender",
     "MostPopular",
     "SASRec",

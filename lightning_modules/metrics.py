@@ -1,7 +1,8 @@
 """HR@K and NDCG@K for one held-out target per user, as a torchmetrics ``Metric``.
 
-The states are sums (hits, discounted gains) and a user count, reduced with ``sum`` across processes, so
-the distributed result equals the single-process one exactly when every user is evaluated once.
+The states are integer counts (targets per rank position below the largest cut-off, and users), reduced with
+``sum`` across processes, so the distributed result equals the single-process one exactly, bit for bit,
+when every user is evaluated once.
 Ranks are 0-based positions of the target in the ranking; ties in scores are broken deterministically by
 item index (the order a stable sort by descending score gives), see :func:`rank_of_target`.
 """
@@ -51,8 +52,9 @@ class TopKMetrics(Metric):
         super().__init__()
         self.hr_ks = tuple(hr_ks)
         self.ndcg_ks = tuple(ndcg_ks)
-        self.add_state("hits", torch.zeros(len(self.hr_ks), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("gains", torch.zeros(len(self.ndcg_ks), dtype=torch.float64), dist_reduce_fx="sum")
+        # Integer counts of targets at each rank < max_k: sums of integers are exact in any order, so the
+        # distributed result equals the single-process one bit for bit (float partial sums would not).
+        self.add_state("rank_counts", torch.zeros(self.max_k, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     @property
@@ -60,16 +62,16 @@ class TopKMetrics(Metric):
         return max(self.hr_ks + self.ndcg_ks)
 
     def update(self, ranks: torch.Tensor) -> None:  # type: ignore[override]
-        ranks = ranks.reshape(-1).to(self.hits.device)
-        hr_ks = torch.tensor(self.hr_ks, device=ranks.device)
-        ndcg_ks = torch.tensor(self.ndcg_ks, device=ranks.device)
-        self.hits += (ranks[:, None] < hr_ks[None, :]).sum(dim=0).to(torch.float64)
-        discount = 1.0 / torch.log2(ranks.to(torch.float64) + 2.0)
-        self.gains += torch.where(ranks[:, None] < ndcg_ks[None, :], discount[:, None], 0.0).sum(dim=0)
+        ranks = ranks.reshape(-1).to(self.rank_counts.device)
+        self.rank_counts += torch.bincount(ranks[ranks < self.max_k], minlength=self.max_k)
         self.count += ranks.numel()
 
     def compute(self) -> dict[str, torch.Tensor]:
         count = self.count.clamp(min=1).to(torch.float64)
-        result = {f"hr@{k}": self.hits[i] / count for i, k in enumerate(self.hr_ks)}
-        result.update({f"ndcg@{k}": self.gains[i] / count for i, k in enumerate(self.ndcg_ks)})
+        counts = self.rank_counts.to(torch.float64)
+        cumulative_hits = counts.cumsum(0)
+        discount = 1.0 / torch.log2(torch.arange(self.max_k, dtype=torch.float64, device=counts.device) + 2.0)
+        cumulative_gain = (counts * discount).cumsum(0)
+        result = {f"hr@{k}": cumulative_hits[k - 1] / count for k in self.hr_ks}
+        result.update({f"ndcg@{k}": cumulative_gain[k - 1] / count for k in self.ndcg_ks})
         return result

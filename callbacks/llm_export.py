@@ -1,0 +1,133 @@
+"""Export the fine-tuned LLM recommender at the end of fit, and load such an export back.
+
+The artifact directory::
+
+    adapter/ or model/   peft adapter (LoRA on a pretrained ``model_path``: base weights stay where they are)
+                         or full HF weights (full fine-tuning, or a model built from ``llama_config``, LoRA merged)
+    tokenizer/           the tokenizer with the code tokens (and pad token) added
+    index.json           the item -> code-token index the model was trained on (LC-Rec format)
+    manifest.json        dataset name + hash, index source + hash, L, K, tokens per item, vocabulary size,
+                         base model path / Llama config, training mode, LoRA settings, step
+
+Everything is written into a temporary sibling directory that is renamed over ``output_dir`` only when complete,
+so a crash never leaves a half-written export (an older export is replaced as a whole).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from datamodules.artifacts import atomic_write_json, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+KIND = "llm_recommender"
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Rename ``source`` over ``target``; an existing ``target`` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_llm(output_dir: str | Path, module: Any, datamodule: Any, global_step: int = 0) -> dict[str, Any]:
+    """Write the export of a :class:`lightning_modules.GenerativeRecommender` (see the module docstring)."""
+    hp, index, catalogue = module.hparams, datamodule.item_index, datamodule.catalogue
+    target = Path(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        if hp.lora and hp.model_path is not None:
+            weights = "adapter"
+            module.model.save_pretrained(staging / weights)
+        else:
+            weights = "model"
+            # merge on a copy: the live module keeps its LoRA layers for `test` after fit
+            model = copy.deepcopy(module.model).merge_and_unload() if hp.lora else module.model
+            model.save_pretrained(staging / weights)
+        module.tokenizer.save_pretrained(staging / "tokenizer")
+        atomic_write_json(staging / "index.json", {str(item): tokens for item, tokens in enumerate(index.tokens())}, indent=None)
+        manifest = {
+            "kind": KIND,
+            "dataset": catalogue.name,
+            "content_hash": catalogue.content_hash,
+            "num_items": catalogue.num_items,
+            "index_source": index.source,
+            "index_hash": index.index_hash,
+            "num_levels": index.num_levels,
+            "codebook_size": index.codebook_size,
+            "tokens_per_item": index.tokens_per_item,
+            "code_tokens": len(module.code_token_ids),
+            "vocab_size": len(module.tokenizer),
+            "pad_token_added": module.pad_token_added,
+            "base_model": hp.model_path,
+            "llama_config": hp.llama_config,
+            "mode": "lora" if hp.lora else "full_finetune",
+            "lora": {"rank": hp.lora_rank, "alpha": hp.lora_alpha, "dropout": hp.lora_dropout, "target_modules": module.lora_target_modules} if hp.lora else None,
+            "weights": weights,
+            "global_step": int(global_step),
+        }
+        write_manifest(staging, manifest)
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("LLM recommender exported to %s (%s)", target, weights)
+    return manifest
+
+
+def load_exported_llm(directory: str | Path, dtype: str = "auto") -> tuple[Any, Any, dict[str, Any]]:
+    """Load ``(model, tokenizer, manifest)`` of an export; an adapter is applied to its resized base model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest.get("kind") != KIND:
+        raise ValueError(f"{directory}: manifest kind {manifest.get('kind')!r} is not {KIND!r}; not an LLM export")
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+    if manifest["weights"] == "adapter":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(manifest["base_model"], dtype=dtype)
+        base.resize_token_embeddings(manifest["vocab_size"])
+        model = PeftModel.from_pretrained(base, directory / "adapter")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=dtype)
+    return model, tokenizer, manifest
+
+
+class LLMExporter(L.Callback):
+    """At the end of fit, export the adapter (or full weights), tokenizer, index and manifest atomically.
+
+    Exports the weights training ended with, from rank 0. DeepSpeed ZeRO-3 shards the weights across ranks and
+    is not supported here (ZeRO-2, DDP and single-device runs are).
+
+    Args:
+        output_dir: the artifact directory (e.g. ``artifacts/industrial/llm``); replaced as a whole.
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+        self.manifest: dict[str, Any] | None = None
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:
+            log.warning("fit was interrupted; the LLM is not exported")
+            return
+        self.manifest = export_llm(self.output_dir, pl_module, trainer.datamodule, trainer.global_step)

@@ -1,0 +1,287 @@
+"""The alignment-task samples of one epoch and their tokenization (used by :class:`datamodules.PromptDataModule`).
+
+An epoch is a *plan*: parallel arrays ``task``, ``source`` (row of the task's source table), ``item`` (the
+item the response names, or whose text it is) and ``template``. Only the plan is re-drawn each epoch (negative
+items, task subsampling, templates, all from ``default_rng((seed, epoch))``); strings are rendered and
+tokenized per batch with the fast tokenizer, which costs far less than one LLM step.
+
+Each training sequence is ``prompt ids + response ids + [EOS]``. Item codes in a response are the code
+tokens' ids directly (exactly what the constrained decoder emits after ``### Response:``); text responses
+are tokenized without special tokens. Labels are ``-100`` on the prompt and on padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from datamodules.catalogue import Catalogue
+from datamodules.item_index import ItemIndex
+from datamodules.prompt_templates import HISTORY_SEPARATOR, NEGATIVE, QUERY, SEQUENTIAL, TEXT_KINDS, clean_text, eval_prompt, frame
+from datamodules.split import LeaveLastOutSplit, SampleIndex
+
+log = logging.getLogger(__name__)
+
+TASKS = ("sequential", "negative", "text", "query")
+SEQUENTIAL_TASK, NEGATIVE_TASK, TEXT_TASK, QUERY_TASK = range(len(TASKS))
+#: Templates are drawn as ``rng.integers(TEMPLATE_DRAW) % len(templates)``: 12 is divisible by every set size (2, 3, 4).
+TEMPLATE_DRAW = 12
+
+
+@dataclass(frozen=True)
+class TaskWeights:
+    """How much of each alignment task an epoch holds.
+
+    A weight scales the task's number of samples per epoch: ``round(w * n)`` of its ``n`` natural samples
+    (``w < 1`` draws a fresh subset every epoch, ``w > 1`` repeats samples); ``0`` disables the task. The loss
+    stays a plain mean over response tokens, so weights act through sampling only.
+
+    Args:
+        sequential: next-item samples (every training prefix, as in LC-Rec).
+        negative: negative-behaviour samples (``negative_ratio`` per sequential sample).
+        text: text alignment (codes -> title / description, title / description -> codes).
+        query: query alignment (review text -> the reviewed item's codes).
+    """
+
+    sequential: float = 1.0
+    negative: float = 1.0
+    text: float = 1.0
+    query: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in TASKS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"task weight {name} must be >= 0, got {getattr(self, name)}")
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return tuple(float(getattr(self, name)) for name in TASKS)
+
+
+def _scaled(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray:
+    """``round(weight * len(rows))`` rows: whole repeats plus a random subset for the fractional part."""
+    count = int(round(weight * len(rows)))
+    if count == 0 or len(rows) == 0:
+        return rows[:0]
+    repeats, rest = divmod(count, len(rows))
+    return np.concatenate([np.tile(rows, repeats), rng.choice(rows, rest, replace=False)])
+
+
+def interaction_keys(catalogue: Catalogue) -> np.ndarray:
+    """Sorted unique ``user * num_items + item`` keys of every interaction (whole sequences)."""
+    users = np.repeat(np.arange(catalogue.num_users, dtype=np.int64), catalogue.lengths)
+    return np.unique(users * catalogue.num_items + catalogue.items)
+
+
+def _contains(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    position = np.searchsorted(sorted_keys, queries).clip(max=len(sorted_keys) - 1)
+    return sorted_keys[position] == queries
+
+
+def sample_negatives(keys: np.ndarray, users: np.ndarray, num_items: int, rng: np.random.Generator, max_rounds: int = 1000) -> np.ndarray:
+    """One item per entry of ``users``, uniform over the items that user never interacted with.
+
+    Vectorised rejection sampling: draw every negative at once, then redraw only the rejected ones. Users
+    interact with a small share of the catalogue, so a handful of rounds suffice.
+
+    Args:
+        keys: :func:`interaction_keys` of the catalogue.
+        users: ``[M]`` user rows (repeated once per wanted negative).
+        num_items: catalogue size.
+        rng: the epoch's generator.
+        max_rounds: safety bound (a user who interacted with every item has no negative).
+    """
+    users = users.astype(np.int64)
+    items = rng.integers(0, num_items, len(users))
+    pending = np.flatnonzero(_contains(keys, users * num_items + items))
+    for _ in range(max_rounds):
+        if len(pending) == 0:
+            return items
+        items[pending] = rng.integers(0, num_items, len(pending))
+        pending = pending[_contains(keys, users[pending] * num_items + items[pending])]
+    raise RuntimeError(f"{len(pending)} negatives still rejected after {max_rounds} rounds: some users interacted with (almost) every item")
+
+
+class PromptTasks:
+    """Sources of the four alignment tasks, the epoch plan, and batch rendering / tokenization.
+
+    Args:
+        catalogue: the dataset.
+        split: its leave-last-out split (training prefixes feed the behaviour tasks).
+        item_index: the items' code tuples.
+        weights: task weights (see :class:`TaskWeights`).
+        negative_ratio: negatives per sequential sample (0 = no negative task, the paper's "w/o NS").
+        max_length: training sequences longer than this (prompt + response + EOS) are dropped and counted.
+        seed: base seed; epoch ``e`` draws from ``default_rng((seed, e))``.
+    """
+
+    def __init__(self, catalogue: Catalogue, split: LeaveLastOutSplit, item_index: ItemIndex, weights: TaskWeights,
+                 negative_ratio: int, max_length: int, seed: int) -> None:
+        if negative_ratio < 0:
+            raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
+        self.catalogue, self.split, self.item_index = catalogue, split, item_index
+        self.weights, self.negative_ratio, self.max_length, self.seed = weights, negative_ratio, max_length, seed
+        self.code_text = ["".join(tokens) for tokens in item_index.tokens()]
+        self.train_targets = catalogue.items[split.train.target_pos]
+        self.keys = interaction_keys(catalogue)
+        if weights.negative > 0 and negative_ratio > 0 and (np.bincount(self.keys // catalogue.num_items) >= catalogue.num_items).any():
+            raise ValueError("a user interacted with every item, so no negative item exists; set negative_ratio: 0")
+        self._build_text_pairs()
+        self._build_queries()
+        self.tokenizer = None
+        self.epoch = -1
+        self.set_epoch(0)
+
+    # ---------------------------------------------------------------------------------------- sources
+    def _build_text_pairs(self) -> None:
+        self.texts: dict[str, list[str]] = {"title": [""] * self.catalogue.num_items, "description": [""] * self.catalogue.num_items}
+        items, kinds = [], []
+        for item, fields in (self.catalogue.item_text or {}).items():
+            for kind, (_, prompt_field, response_field) in enumerate(TEXT_KINDS):
+                name = prompt_field or response_field
+                if not self.texts[name][item]:
+                    self.texts[name][item] = clean_text(fields.get(name, ""))
+                if self.texts[name][item]:
+                    items.append(item)
+                    kinds.append(kind)
+        self.text_item, self.text_kind = np.array(items, dtype=np.int64), np.array(kinds, dtype=np.int64)
+        if self.weights.text > 0 and not items:
+            log.info("%s has no item text: the text-alignment task is skipped", self.catalogue.name)
+
+    def _build_queries(self) -> None:
+        """Reviews of training interactions only (``items[:-2]``, never a validation or test target)."""
+        reviews = {key: text.strip() for key, text in (self.catalogue.reviews or {}).items() if text and text.strip()}
+        num_items = self.catalogue.num_items
+        if not reviews:
+            if self.weights.query > 0:
+                log.info("%s has no reviews: the query-alignment task is skipped", self.catalogue.name)
+            self.query_item, self.query_text = np.zeros(0, dtype=np.int64), []
+            return
+        pairs = np.array(list(reviews), dtype=np.int64)
+        train_users, train_items = self.split.train_interactions()
+        held_out = np.concatenate([self.split.valid.target_pos, self.split.test.target_pos])
+        held_users = np.concatenate([self.split.valid.user, self.split.test.user])
+        keys = pairs[:, 0] * num_items + pairs[:, 1]
+        # a review of an item the user also has as a held-out target may describe that interaction: leave it out
+        keep = np.isin(keys, train_users * num_items + train_items) & ~np.isin(keys, held_users * num_items + self.catalogue.items[held_out])
+        texts = list(reviews.values())
+        self.query_item = pairs[keep, 1]
+        self.query_text = [texts[i] for i in np.flatnonzero(keep)]
+        log.info("query alignment: %d of %d reviews are of training interactions", int(keep.sum()), len(pairs))
+
+    # ------------------------------------------------------------------------------------------ plan
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the epoch's samples (negatives, subsets, templates); deterministic in ``(seed, epoch)``."""
+        if epoch == self.epoch:
+            return
+        rng = np.random.default_rng((self.seed, epoch))
+        weights = self.weights
+        train_rows = np.arange(len(self.split.train))
+        sequential = _scaled(train_rows, weights.sequential, rng)
+        negative = _scaled(np.repeat(train_rows, self.negative_ratio), weights.negative, rng)
+        negative_items = sample_negatives(self.keys, self.split.train.user[negative], self.catalogue.num_items, rng)
+        text = _scaled(np.arange(len(self.text_item)), weights.text, rng)
+        query = _scaled(np.arange(len(self.query_item)), weights.query, rng)
+        parts = [
+            (SEQUENTIAL_TASK, sequential, self.train_targets[sequential]),
+            (NEGATIVE_TASK, negative, negative_items),
+            (TEXT_TASK, text, self.text_item[text]),
+            (QUERY_TASK, query, self.query_item[query]),
+        ]
+        self.task = np.concatenate([np.full(len(rows), task, dtype=np.int64) for task, rows, _ in parts])
+        self.source = np.concatenate([rows for _, rows, _ in parts])
+        self.item = np.concatenate([items for _, _, items in parts])
+        self.template = rng.integers(0, TEMPLATE_DRAW, len(self.task))
+        self.counts = {TASKS[task]: len(rows) for task, rows, _ in parts}
+        if self.epoch < 0:
+            log.info("alignment tasks per epoch: %s (negative ratio 1:%d)", self.counts, self.negative_ratio)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    # ------------------------------------------------------------------------------------- rendering
+    def history_text(self, history: np.ndarray) -> str:
+        """A left-padded history row as code strings, oldest first, joined by ", "."""
+        return HISTORY_SEPARATOR.join(self.code_text[item] for item in history[history != self.catalogue.pad_item])
+
+    def render(self, rows: np.ndarray) -> tuple[list[str], list[int | str]]:
+        """Prompts and responses of plan rows; a response is an item id (its codes) or a text."""
+        task, source, item, template = self.task[rows], self.source[rows], self.item[rows], self.template[rows]
+        prompts: list[str] = [""] * len(rows)
+        responses: list[int | str] = [int(value) for value in item]
+        behaviour = np.flatnonzero(task <= NEGATIVE_TASK)
+        histories = self.split.histories(self.split.train, source[behaviour]) if len(behaviour) else None
+        for j, row in enumerate(behaviour):
+            templates = SEQUENTIAL if task[row] == SEQUENTIAL_TASK else NEGATIVE
+            prompts[row] = frame(templates[template[row] % len(templates)].format(history=self.history_text(histories[j])))
+        for row in np.flatnonzero(task == TEXT_TASK):
+            templates, prompt_field, response_field = TEXT_KINDS[self.text_kind[source[row]]]
+            text_of = self.texts[prompt_field or response_field][item[row]]
+            fill = {prompt_field: text_of} if prompt_field else {"item": self.code_text[item[row]]}
+            prompts[row] = frame(templates[template[row] % len(templates)].format(**fill))
+            if response_field:
+                responses[row] = text_of
+        for row in np.flatnonzero(task == QUERY_TASK):
+            prompts[row] = frame(QUERY[template[row] % len(QUERY)].format(query=self.query_text[source[row]]))
+        return prompts, responses
+
+    # ---------------------------------------------------------------------------------- tokenization
+    def set_tokenizer(self, tokenizer) -> None:
+        """Attach the model's tokenizer (with the code tokens and a pad token) and map codes to token ids."""
+        vocab = tokenizer.get_vocab()
+        missing = [token for token in self.item_index.vocabulary() if token not in vocab]
+        if missing:
+            raise ValueError(f"the tokenizer lacks {len(missing)} code tokens (e.g. {missing[:3]}); add the index's tokens first")
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad and an EOS token")
+        self.tokenizer = tokenizer
+        self.code_ids = self.item_index.token_ids(vocab)
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer yet: the model hands it over with datamodule.set_tokenizer() in configure_model()")
+        return self.tokenizer
+
+    def train_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``/``attention_mask``/``labels`` (-100 off the response), ``task`` and ``dropped``."""
+        tokenizer = self._tokenizer()
+        prompts, responses = self.render(rows)
+        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        text_rows = [i for i, response in enumerate(responses) if isinstance(response, str)]
+        text_ids = tokenizer([responses[i] for i in text_rows], add_special_tokens=False)["input_ids"] if text_rows else []
+        response_ids = [None if isinstance(r, str) else self.code_ids[r].tolist() for r in responses]
+        for i, ids in zip(text_rows, text_ids):
+            response_ids[i] = ids
+        eos = [tokenizer.eos_token_id]
+        lengths = np.array([len(p) + len(r) + 1 for p, r in zip(prompt_ids, response_ids)])
+        keep = np.flatnonzero(lengths <= self.max_length)
+        tasks = self.task[rows]
+        dropped = np.bincount(tasks[lengths > self.max_length], minlength=len(TASKS))
+        width = int(lengths[keep].max()) if len(keep) else 0
+        input_ids = torch.full((len(keep), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(keep), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(keep), width), dtype=torch.long)
+        for out, i in enumerate(keep):
+            prompt, response = prompt_ids[i], response_ids[i] + eos
+            input_ids[out, : lengths[i]] = torch.tensor(prompt + response)
+            labels[out, len(prompt) : lengths[i]] = torch.tensor(response)
+            attention[out, : lengths[i]] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+                "task": torch.from_numpy(tasks[keep]), "dropped": torch.from_numpy(dropped)}
+
+    def eval_batch(self, index: SampleIndex, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Left-padded LC-Rec evaluation prompts with ``target_item`` and ``user`` (history = capped prefix)."""
+        tokenizer = self._tokenizer()
+        histories = self.split.histories(index, rows)
+        prompt_ids = tokenizer([eval_prompt(self.history_text(row)) for row in histories], add_special_tokens=True)["input_ids"]
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for out, ids in enumerate(prompt_ids):
+            input_ids[out, width - len(ids) :] = torch.tensor(ids)
+            attention[out, width - len(ids) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention,
+                "target_item": torch.from_numpy(self.catalogue.items[index.target_pos[rows]]), "user": torch.from_numpy(index.user[rows])}

@@ -1,0 +1,176 @@
+"""The prompt view for stage 3 (Alignment Tasks): instruction-tuning samples for the LLM.
+
+Training batches mix the paper's alignment tasks (see :mod:`datamodules.prompt_tasks` and
+:mod:`datamodules.prompt_templates`):
+
+* **sequential**: the last ``max_history`` items of every training prefix (codes joined by ", ") -> next item;
+* **negative behaviour**: the same histories -> an item the user never interacted with (``negative_ratio``
+  per sequential sample, re-drawn every epoch);
+* **text alignment**: codes -> title / description and title / description -> codes (items with text);
+* **query alignment**: a review of a *training* interaction -> the reviewed item's codes (datasets with reviews).
+
+Batch formats::
+
+    train: input_ids [B, T] (right-padded), attention_mask, labels (-100 except response + EOS), task [B], dropped [4]
+    val/test: input_ids [B, T] (left-padded LC-Rec prompt), attention_mask, target_item [B], user [B]
+
+Validation predicts ``items[-2]`` from ``items[:-2][-20:]``, test ``items[-1]`` from ``items[:-1][-20:]``.
+The DataModule has no tokenizer of its own: the model hands over its tokenizer (with the code tokens and a pad
+token added) through :meth:`PromptDataModule.set_tokenizer` in ``configure_model``, so nothing is loaded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import RecDataModule, Source, _identity_collate
+from datamodules.item_index import ItemIndex, load_item_index
+from datamodules.prompt_tasks import PromptTasks, TaskWeights
+from datamodules.split import SampleIndex
+from datamodules.synthetic import SyntheticSpec
+
+log = logging.getLogger(__name__)
+
+Preset = Literal["all", "behaviour_only"]
+PRESETS = {"all": TaskWeights(), "behaviour_only": TaskWeights(sequential=1.0, negative=1.0, text=0.0, query=0.0)}
+
+
+class _TrainPrompts(Dataset):
+    def __init__(self, tasks: PromptTasks) -> None:
+        self.tasks = tasks
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return self.tasks.train_batch(np.asarray(rows, dtype=np.int64))
+
+
+class _EvalPrompts(Dataset):
+    def __init__(self, tasks: PromptTasks, index: SampleIndex, rows: np.ndarray) -> None:
+        self.tasks, self.index, self.rows = tasks, index, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return self.tasks.eval_batch(self.index, self.rows[np.asarray(rows, dtype=np.int64)])
+
+
+class PromptDataModule(RecDataModule):
+    """Alignment-task prompts over the catalogue, the leave-last-out split and an item index.
+
+    Args:
+        data_dir: see :class:`datamodules.RecDataModule`.
+        dataset: see :class:`datamodules.RecDataModule`.
+        source: see :class:`datamodules.RecDataModule`.
+        processed_dir: see :class:`datamodules.RecDataModule`.
+        synthetic: see :class:`datamodules.RecDataModule`.
+        max_history: items of history in a prompt (20, as in LC-Rec).
+        batch_size: training prompts per batch.
+        eval_batch_size: evaluation prompts per batch (each is expanded to ``num_beams`` beams).
+        num_workers: DataLoader workers (tokenization runs in them).
+        seed: seed of the per-epoch draws (negatives, task subsets, templates) and of the evaluation subset.
+        index: a stage-2 export directory (``index.json`` + ``manifest.json``, checked against this dataset) or
+            an LC-Rec ``index.json``; None uses the dataset's own ``<Name>.index.json``.
+        dedupe_collisions: accept an index whose items share code tuples by appending a disambiguating level
+            (see :mod:`datamodules.item_index`); otherwise a colliding index is an error.
+        tasks: per-task weights; they scale how many samples of each task an epoch holds (0 disables a task).
+        negative_ratio: negative-behaviour samples per sequential sample (the paper's 1:N; 0 = "w/o NS").
+        max_length: training samples with more tokens (prompt + response + EOS) are dropped; the count is
+            logged as ``train/dropped_long``. Evaluation prompts are never dropped.
+        preset: ``behaviour_only`` = sequential + negative (the paper's Table 8), ``all`` = every task at
+            weight 1; a preset replaces ``tasks`` (set one or the other).
+        eval_max_users: evaluate a fixed random subset of this many users (the same for val and test;
+            for CPU runs); None evaluates every user.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/synthetic",
+        dataset: str | None = None,
+        source: Source = "auto",
+        processed_dir: str | None = None,
+        synthetic: SyntheticSpec | None = None,
+        max_history: int = 20,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+        index: str | None = None,
+        dedupe_collisions: bool = False,
+        tasks: TaskWeights | None = None,
+        negative_ratio: int = 3,
+        max_length: int = 2048,
+        preset: Preset | None = None,
+        eval_max_users: int | None = None,
+    ) -> None:
+        super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
+        if preset is not None and tasks is not None and tasks != PRESETS[preset]:
+            raise ValueError(f"preset {preset!r} replaces `tasks`, but tasks={tasks} was also given; set one or the other")
+        if negative_ratio < 0:
+            raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if eval_max_users is not None and eval_max_users < 1:
+            raise ValueError(f"eval_max_users must be >= 1 or null, got {eval_max_users}")
+        self.index = index
+        self.dedupe_collisions = dedupe_collisions
+        self.task_weights = PRESETS[preset] if preset is not None else (tasks or TaskWeights())
+        self.negative_ratio = negative_ratio
+        self.max_length = max_length
+        self.eval_max_users = eval_max_users
+        self.item_index: ItemIndex | None = None
+        self.prompts: PromptTasks | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.prompts is None:
+            self.item_index = load_item_index(self.index, self.catalogue, self.dedupe_collisions)
+            log.info(
+                "item index %s: %d items x %d codes (L=%d, K=%d)", self.item_index.source, self.catalogue.num_items,
+                self.item_index.tokens_per_item, self.item_index.num_levels, self.item_index.codebook_size,
+            )
+            self.prompts = PromptTasks(self.catalogue, self.split, self.item_index, self.task_weights, self.negative_ratio, self.max_length, self.seed)
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Called by the model once its tokenizer holds the code tokens (and a pad token)."""
+        if self.prompts is None:
+            raise RuntimeError("set_tokenizer() before setup(): the item index is not loaded yet")
+        self.prompts.set_tokenizer(tokenizer)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-draw negatives, task subsets and templates for ``epoch`` (the model calls it each epoch start)."""
+        self.prompts.set_epoch(epoch)
+
+    def eval_rows(self) -> np.ndarray:
+        """Users evaluated: all, or a fixed seeded subset of ``eval_max_users`` (sorted)."""
+        num_users = self.catalogue.num_users
+        if self.eval_max_users is None or self.eval_max_users >= num_users:
+            return np.arange(num_users)
+        return np.sort(np.random.default_rng(self.seed).choice(num_users, self.eval_max_users, replace=False))
+
+    def train_dataloader(self) -> DataLoader:
+        # Workers must not persist: each epoch's iterator has to see the plan re-drawn by set_epoch().
+        return DataLoader(
+            _TrainPrompts(self.prompts), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            collate_fn=_identity_collate, persistent_workers=False,
+        )
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        return self._loader(_EvalPrompts(self.prompts, self.split.samples(stage), self.eval_rows()), self.eval_batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+

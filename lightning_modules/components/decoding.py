@@ -1,0 +1,196 @@
+"""Constrained beam search: top-K item ids per prompt from a causal LM and a :class:`CodeTrie`.
+
+Scores are HF's ``sequences_scores`` with ``length_penalty=0``: the summed log-probability of the ``L`` code
+tokens plus EOS under the model (the trie only removes candidates, it does not renormalise). Every item has the
+same length, so a length penalty could not change the order anyway; 0 keeps the score a plain log-probability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from lightning_modules.components.trie import CodeTrie, TrieLogitsProcessor
+from lightning_modules.metrics import rank_in_list
+
+#: HF beam search seeds all but the first beam with this score; a result at or below it is no real hypothesis.
+_HF_DEAD_BEAM_SCORE = -1.0e8
+
+
+def beam_generation_config(
+    num_beams: int, num_return_sequences: int, max_new_tokens: int, pad_token_id: int, eos_token_id: int, bos_token_id: int | None
+) -> GenerationConfig:
+    """An explicit, deterministic beam-search config.
+
+    ``early_stopping="never"`` with ``length_penalty=0`` is HF's canonical beam search: it stops only at
+    ``max_new_tokens`` (``L + 1``: every valid hypothesis has ended) or when no running beam can beat the finished
+    ones. ``early_stopping=True`` would stop once ``num_beams`` hypotheses ended, and with a small trie, filler
+    hypotheses (score ``-inf``) that end early could do that before the real items finish. Sampling flags keep
+    their neutral values so no "only used in sample-based generation" warning fires. ``output_scores`` is what
+    makes HF return ``sequences_scores``; it also keeps ``L + 1`` copies of the ``[rows, vocab]`` log-probs.
+    """
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        length_penalty=0.0,
+        early_stopping="never",
+        temperature=1.0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        use_cache=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+    )
+
+
+@contextlib.contextmanager
+def isolated_generation_config(model) -> Iterator[None]:
+    """Hide the checkpoint's ``generation_config`` during ``generate``.
+
+    ``generate`` fills every field our config leaves ``None`` (``bad_words_ids``, ``suppress_tokens``,
+    ``sequence_bias``, ``forced_eos_token_id``, ...) from ``model.generation_config``; a blank config in its
+    place means only our explicit values and the library's neutral global defaults apply.
+    """
+    targets = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    saved = [(target, target.generation_config) for target in targets]
+    try:
+        for target, _ in saved:
+            target.generation_config = GenerationConfig()
+        yield
+    finally:
+        for target, config in saved:
+            target.generation_config = config
+
+
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int) -> DynamicCache:
+    """KV cache of every prompt but its last token, computed once per prompt and repeated for each beam.
+
+    ``generate`` repeats each prompt ``num_beams`` times *before* its prefill, so the prompt would be encoded 20
+    times; with this cache it only runs the last prompt token per beam. Positions follow the left padding
+    exactly as ``generate`` derives them (``cumsum(attention_mask) - 1``).
+    """
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    decoder = model.get_decoder()  # skips the LM head: no [B, P, vocab] logits
+    decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1], cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(num_beams)
+    return cache
+
+
+def generate_topk(
+    model,
+    tokenizer,
+    prompts_input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: CodeTrie,
+    num_beams: int = 20,
+    num_return_sequences: int = 20,
+    max_new_tokens: int | None = None,
+    processor: LogitsProcessor | None = None,
+    share_prompt: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K items per prompt by trie-constrained beam search.
+
+    Args:
+        model: a HF causal LM (or a PEFT wrapper of one).
+        tokenizer: supplies ``eos_token_id``, ``pad_token_id`` (EOS when unset) and ``bos_token_id``.
+        prompts_input_ids: ``[B, P]`` left-padded prompts.
+        attention_mask: ``[B, P]`` 1 on real tokens.
+        trie: the valid item codes.
+        num_beams: beam width.
+        num_return_sequences: K, at most ``num_beams``.
+        max_new_tokens: defaults to ``L + 1`` (codes and EOS).
+        processor: replaces the trie processor (benchmarks: a timed wrapper, or transformers' own).
+        share_prompt: encode each prompt once and share its KV cache across beams (:func:`shared_prompt_cache`);
+            ``False`` is plain ``generate`` (identical results up to float rounding).
+
+    Returns:
+        ``items`` ``[B, K]`` distinct item ids per row, best first, and their ``scores`` (summed log-probs);
+        rows are padded with item ``-1`` / score ``-inf`` when fewer than K valid items were found.
+    """
+    if attention_mask.shape[1] and not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded (the last column of attention_mask has padding)")
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) cannot exceed num_beams ({num_beams})")
+    batch, prompt_len = prompts_input_ids.shape
+    code_length = trie.code_length
+    eos = trie.eos_token_id
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else eos
+    config = beam_generation_config(
+        num_beams, num_return_sequences, max_new_tokens or code_length + 1, pad, eos, getattr(tokenizer, "bos_token_id", None)
+    )
+    trie.to(prompts_input_ids.device)
+    processors = LogitsProcessorList([processor if processor is not None else TrieLogitsProcessor(trie, prompt_len)])
+    with isolated_generation_config(model), torch.inference_mode():
+        cache = {}
+        if share_prompt and prompt_len > 1 and num_beams > 1:
+            cache["cache"] = shared_prompt_cache(model, prompts_input_ids, attention_mask, num_beams)
+        out = model.generate(
+            input_ids=prompts_input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors, **cache
+        )
+    generated = out.sequences[:, prompt_len:]
+    if generated.shape[1] < code_length + 1:  # every hypothesis ended early: nothing valid
+        generated = torch.nn.functional.pad(generated, (0, code_length + 1 - generated.shape[1]), value=pad)
+    items = trie.items_of(generated[:, :code_length])
+    items = torch.where(generated[:, code_length] == eos, items, -1).view(batch, num_return_sequences)
+    scores = out.sequences_scores.view(batch, num_return_sequences).float()
+    return _rank_distinct(items, scores)
+
+
+def _rank_distinct(items: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort rows by score, drop invalid hypotheses and repeated items (keeping the best), pad with -1/-inf."""
+    valid = (items >= 0) & torch.isfinite(scores) & (scores > _HF_DEAD_BEAM_SCORE)
+    scores = torch.where(valid, scores, -float("inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    items, scores = items.gather(1, order), scores.gather(1, order)
+    # HF seeds beams 1.. with copies of beam 0 (score -1e9); those duplicates are already invalid above, this
+    # guard keeps the contract "distinct items per row" even if a model repeats a code tuple another way.
+    same = (items[:, :, None] == items[:, None, :]) & torch.isfinite(scores)[:, None, :]
+    repeated = torch.tril(same, diagonal=-1).any(dim=2)
+    scores = torch.where(repeated, -float("inf"), scores)
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    items, scores = items.gather(1, order), scores.gather(1, order)
+    return torch.where(torch.isfinite(scores), items, -1), scores
+
+
+@dataclass
+class BeamBatchResult:
+    """One evaluation batch: ``items``/``scores`` ``[B, K]`` and the target's 0-based ``ranks`` ``[B]`` (K = miss)."""
+
+    items: torch.Tensor
+    scores: torch.Tensor
+    ranks: torch.Tensor
+
+
+def beam_eval_batch(module, batch: dict[str, torch.Tensor], num_beams: int = 20, top_k: int = 20) -> BeamBatchResult:
+    """Beam-search one eval batch of a module exposing ``.model``, ``.tokenizer`` and ``.code_trie``.
+
+    For a LightningModule's ``validation_step``/``test_step``::
+
+        result = beam_eval_batch(self, batch, self.num_beams, self.top_k)
+        self.test_metrics.update(result.ranks)
+
+    Args:
+        module: the module (its ``code_trie`` is moved to the batch's device once).
+        batch: ``input_ids``/``attention_mask`` (left-padded prompts) and ``target_item`` ``[B]``.
+        num_beams: beam width.
+        top_k: items kept per user (``num_return_sequences``).
+    """
+    device = batch["input_ids"].device
+    if module.code_trie.device != device:
+        module.code_trie.to(device)
+    items, scores = generate_topk(
+        module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], module.code_trie, num_beams, top_k
+    )
+    return BeamBatchResult(items, scores, rank_in_list(items, batch["target_item"].to(device)))

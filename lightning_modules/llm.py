@@ -1,0 +1,312 @@
+"""Stage 3 (Alignment Tasks): supervised fine-tuning of a causal LLM on item-code prompts, beam-search evaluation.
+
+``configure_model`` (never ``__init__``, so DeepSpeed/FSDP can wrap the loading) builds everything:
+
+1. the tokenizer (``tokenizer_path`` or ``model_path``); one without a pad token gets ``<pad>``;
+2. the index's code tokens (``L x K``, plus an extra disambiguation level if any) are added, the embeddings
+   resized (HF mean-resizing for pretrained models); optionally the new input rows are initialised from the
+   stage-2 code vectors through a random 2-/3-layer MLP (the paper's Table 7 ablation, reported worse);
+3. LoRA (peft) on ``lora_target_modules`` with ``trainable_token_indices`` on the input embedding and LM head:
+   only the rows of the new code tokens are trainable in the embedding and the LM head (peft keeps them as
+   separate parameters and swaps them in; tied embeddings are handled by peft), so the 32k original rows
+   stay frozen without a gradient-mask hook; or full fine-tuning as in LC-Rec (``full_finetune``);
+4. the datamodule gets the tokenizer (``set_tokenizer``) and the code trie is built for constrained decoding.
+
+Training computes logits only at supervised positions (labels != -100): the LM head over the whole prompt
+would cost ``T x vocab`` per sample for nothing. Validation/test decode the top-K items by trie-constrained
+beam search (:mod:`lightning_modules.components.decoding`) and log ``val/hr@10`` etc.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.base import CheckpointMismatchError
+from lightning_modules.metrics import TopKMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAD_TOKEN = "<pad>"
+
+
+def mlp_projection(dims: list[int], seed: int = 0) -> nn.Sequential:
+    """A GELU MLP with the given layer widths, initialised from ``seed`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        for i, (width_in, width_out) in enumerate(zip(dims[:-1], dims[1:])):
+            layers += [nn.Linear(width_in, width_out)] + ([nn.GELU()] if i < len(dims) - 2 else [])
+        return nn.Sequential(*layers)
+
+
+class GenerativeRecommender(L.LightningModule):
+    """A causal LLM that names the next item by its code tokens.
+
+    Args:
+        model_path: local Hugging Face model directory (loaded in ``configure_model``); None builds
+            ``llama_config`` from scratch.
+        tokenizer_path: tokenizer directory (default: ``model_path``), e.g. ``../shared/tokenizers/llama2``.
+        llama_config: ``transformers.LlamaConfig`` fields of a model built from scratch (CPU runs); the
+            vocabulary size is set from the tokenizer.
+        lora: train LoRA adapters plus the new token rows (the paper); exclusive with ``full_finetune``.
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA scaling ``alpha``.
+        lora_dropout: dropout on the LoRA path.
+        lora_target_modules: module names to adapt (default: every Llama attention and MLP projection).
+        full_finetune: train every weight (LC-Rec); exclusive with ``lora``.
+        code_embedding_init: ``random`` (HF resizing), or ``mlp2``/``mlp3``: new input rows from the stage-2
+            codebook vectors (``codebook.pt`` of the index directory) through a 2-/3-layer MLP.
+        gradient_checkpointing: recompute activations in the backward pass (long prompts, 7B models).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        load_dtype: dtype of pretrained weights (``auto`` keeps the checkpoint's).
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay (matrices only, as in the HF Trainer).
+        warmup_steps: linear warm-up steps, then cosine decay to 0 over the run.
+        num_beams: beam width of constrained decoding.
+        eval_top_k: items returned per user (at least 10 for HR@10).
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        tokenizer_path: str | None = None,
+        llama_config: dict[str, Any] | None = None,
+        lora: bool = True,
+        lora_rank: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        full_finetune: bool = False,
+        code_embedding_init: Literal["random", "mlp2", "mlp3"] = "random",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str = "sdpa",
+        load_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        num_beams: int = 20,
+        eval_top_k: int = 20,
+    ) -> None:
+        super().__init__()
+        if (model_path is None) == (llama_config is None):
+            raise ValueError("set exactly one of `model_path` (pretrained LLM) and `llama_config` (a Llama built from scratch)")
+        if model_path is None and tokenizer_path is None:
+            raise ValueError("a model built from `llama_config` needs `tokenizer_path`")
+        if lora == full_finetune:
+            raise ValueError("choose one training mode: `lora: true` (adapters + new token rows) or `full_finetune: true`")
+        if eval_top_k > num_beams or eval_top_k < TopKMetrics().max_k:
+            raise ValueError(f"eval_top_k must be in [{TopKMetrics().max_k}, num_beams={num_beams}], got {eval_top_k}")
+        self.save_hyperparameters()
+        self.lora_target_modules = lora_target_modules or list(DEFAULT_LORA_TARGETS)
+        self.model: nn.Module | None = None
+        self.tokenizer = None
+        self.code_trie = None
+        self.code_token_ids: list[int] = []
+        self.pad_token_added = False
+        self.dataset_fingerprint: dict[str, Any] | None = None
+        # Frozen base weights are reloaded from model_path, so LoRA checkpoints keep only the trainable tensors.
+        self.strict_loading = not (lora and model_path is not None)
+        self.val_metrics = TopKMetrics()
+        self.test_metrics = TopKMetrics()
+
+    # -------------------------------------------------------------------------------------------- building
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if getattr(datamodule, "item_index", None) is None or not hasattr(datamodule, "set_tokenizer"):
+            raise RuntimeError(f"{type(self).__name__} needs a datamodule with an item index and set_tokenizer() (datamodules.PromptDataModule)")
+        catalogue, index = datamodule.catalogue, datamodule.item_index
+        self.dataset_fingerprint = {"name": catalogue.name, "content_hash": catalogue.content_hash,
+                                    "num_items": catalogue.num_items, "index_hash": index.index_hash, "tokens_per_item": index.tokens_per_item}
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer_path or self.hparams.model_path)
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+            self.pad_token_added = True
+            log.info("the tokenizer has no pad token: added %s (id %d)", PAD_TOKEN, tokenizer.pad_token_id)
+        return tokenizer
+
+    def _load_model(self, tokenizer) -> nn.Module:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        hp = self.hparams
+        if hp.model_path is not None:
+            dtype = hp.load_dtype if hp.load_dtype == "auto" else getattr(torch, hp.load_dtype)
+            model = AutoModelForCausalLM.from_pretrained(hp.model_path, dtype=dtype, attn_implementation=hp.attn_implementation)
+        else:
+            config = LlamaConfig(**{**hp.llama_config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                                    "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=hp.attn_implementation)
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    def _init_code_embeddings(self, model: nn.Module, index, token_ids: torch.Tensor) -> None:
+        """Table 7: new input rows = MLP(code vector), rescaled to the statistics of the original rows."""
+        if index.codebook_path is None:
+            raise ValueError(
+                f"code_embedding_init={self.hparams.code_embedding_init!r} needs the code vectors: point data.init_args.index "
+                "at a stage-2 export directory (with codebook.pt), not a bare index.json"
+            )
+        books = torch.load(index.codebook_path, map_location="cpu", weights_only=True)["quantizer_state"]["codebooks"].float()
+        levels, size, dim = books.shape
+        weight = model.get_input_embeddings().weight
+        width = weight.shape[1]
+        hidden = int(math.sqrt(dim * width))
+        dims = [dim, hidden, width] if self.hparams.code_embedding_init == "mlp2" else [dim, hidden, hidden, width]
+        with torch.no_grad():
+            rows = mlp_projection(dims)(books.reshape(-1, dim))
+            old = weight[: min(self.code_token_ids)].float()  # the original vocabulary
+            rows = (rows - rows.mean()) / rows.std().clamp_min(1e-8) * old.std() + old.mean(0)
+            weight[token_ids[:levels, :size].reshape(-1)] = rows.to(weight.dtype)
+        log.info("initialised %d code-token embeddings from %dx%d code vectors via %s", levels * size, levels, size, dims)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.dataset_fingerprint is None:
+            raise RuntimeError("configure_model() before setup(): the item index is unknown")
+        hp = self.hparams
+        datamodule = self.trainer.datamodule
+        index = datamodule.item_index
+        tokenizer = self._load_tokenizer()
+        vocabulary = index.vocabulary()
+        tokenizer.add_tokens(vocabulary)
+        self.code_token_ids = tokenizer.convert_tokens_to_ids(vocabulary)
+        model = self._load_model(tokenizer)
+        if hp.code_embedding_init != "random":
+            self._init_code_embeddings(model, index, torch.from_numpy(index.level_token_ids(tokenizer.get_vocab())))
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.lora:
+            from peft import LoraConfig, get_peft_model
+
+            if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
+                raise ImportError("LoRA with trainable code-token rows needs peft>=0.15 (LoraConfig.trainable_token_indices)")
+            names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+            rows = {names[model.get_input_embeddings()]: self.code_token_ids, names[model.get_output_embeddings()]: self.code_token_ids}
+            config = LoraConfig(
+                r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=self.lora_target_modules,
+                trainable_token_indices=rows, task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, config)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("%s: %d trainable of %d parameters; %d code tokens added", "LoRA" if hp.lora else "full fine-tuning",
+                 trainable, sum(p.numel() for p in model.parameters()), len(vocabulary))
+        model.train()  # from_pretrained returns eval mode, which would silence dropout (LoRA's included) in training
+        self.model, self.tokenizer = model, tokenizer
+        datamodule.set_tokenizer(tokenizer)
+        self.code_trie = self._build_trie(datamodule.prompts.code_ids, tokenizer.eos_token_id)
+
+    @staticmethod
+    def _build_trie(code_ids, eos_token_id: int):
+        try:
+            from lightning_modules.components.trie import CodeTrie
+        except ImportError:  # decoding not available: training still works, evaluation will say why
+            log.warning("lightning_modules.components.trie is missing: beam-search evaluation is unavailable")
+            return None
+        return CodeTrie(torch.from_numpy(code_ids), eos_token_id=eos_token_id)
+
+    def causal_lm(self) -> nn.Module:
+        """The HF ``*ForCausalLM`` (under the peft wrapper when LoRA is on)."""
+        return self.model.get_base_model() if self.hparams.lora else self.model
+
+    # ---------------------------------------------------------------------------------------- training
+    def response_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over supervised tokens, with the LM head applied to those positions only."""
+        lm = self.causal_lm()
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        supervised = targets != -100
+        logits = lm.get_output_embeddings()(hidden[:, :-1][supervised])
+        return F.cross_entropy(logits.float(), targets[supervised])
+
+    def on_train_epoch_start(self) -> None:
+        set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)  # fresh negatives / subsets / templates every epoch
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self.log("train/dropped_long", batch["dropped"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        if batch["input_ids"].shape[0] == 0:
+            return None  # every sample was longer than max_length: skip the step
+        loss = self.response_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def _beam_ranks(self, batch: dict[str, torch.Tensor]):
+        if self.code_trie is None:
+            raise RuntimeError("beam-search evaluation needs lightning_modules/components/trie.py and decoding.py")
+        from lightning_modules.components.decoding import beam_eval_batch
+
+        return beam_eval_batch(self, batch, num_beams=self.hparams.num_beams, top_k=self.hparams.eval_top_k)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_metrics.update(self._beam_ranks(batch).ranks)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_metrics.update(self._beam_ranks(batch).ranks)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"user": batch["user"], "top_items": self._beam_ranks(batch).items}
+
+    def _log_metrics(self, metric: TopKMetrics, prefix: str) -> None:
+        values = metric.compute()
+        self.log_dict({f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val")
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dataset_fingerprint"] = self.dataset_fingerprint
+        if not self.strict_loading:
+            frozen = {f"model.{name}" for name, param in self.model.named_parameters() if not param.requires_grad}
+            checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("dataset_fingerprint")
+        if saved is not None and self.dataset_fingerprint is not None and saved != self.dataset_fingerprint:
+            raise CheckpointMismatchError(
+                f"checkpoint was trained on {saved} but the configured data/index is {self.dataset_fingerprint}. "
+                "Use the checkpoint of this dataset and index, or change `data`."
+            )
+        if not self.strict_loading and self.model is not None:
+            missing = [name for name, param in self.model.named_parameters() if param.requires_grad and f"model.{name}" not in checkpoint["state_dict"]]
+            if missing:
+                raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[:3]}); it is not from this LoRA setup")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [param for param in self.parameters() if param.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=hp.lr)
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 0
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if total <= hp.warmup_steps:
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / (total - hp.warmup_steps))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
