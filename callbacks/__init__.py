@@ -1,5 +1,6 @@
 """Callbacks: metric files, artifact export, k-means initialisation, collision logging, beam-search evaluation."""
 
+from callbacks.beam_eval import BeamSearchEvaluator
 from callbacks.collisions import CollisionLogger
 from callbacks.embedding_export import ItemEmbeddingExporter
 from callbacks.index_export import CodeIndexExporter, assign_codes, load_code_index
@@ -9,6 +10,7 @@ from callbacks.predictions import TopKWriter
 from callbacks.results import MetricsWriter, load_metrics
 
 __all__ = [
+    "BeamSearchEvaluator",
     "CodeIndexExporter",
     "CollisionLogger",
     "ItemEmbeddingExporter",
@@ -22,7 +24,3 @@ __all__ = [
     "load_exported_llm",
     "load_metrics",
 ]
-
-from callbacks.beam_eval import BeamSearchEvaluator  # noqa: E402
-
-__all__ += ["BeamSearchEvaluator"]
