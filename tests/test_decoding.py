@@ -209,6 +209,9 @@ class PromptData(RecDataModule):
         super().__init__(eval_batch_size=5, batch_size=4)
         self.num_users, self.num_items = num_users, num_items
 
+    def prepare_data(self) -> None:
+        """In-memory samples: nothing to generate or convert."""
+
     def setup(self, stage: str | None = None) -> None:
         self.catalogue = SimpleNamespace(user_ids=np.arange(self.num_users) + 1000)
         self.sets = {stage: PromptSamples(self.num_users, self.num_items, seed) for seed, stage in enumerate(("valid", "test"))}
