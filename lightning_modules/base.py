@@ -21,6 +21,24 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint trained on a different dataset (or catalogue size) than the one configured."""
 
 
+def check_dataset_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any] | None, what: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose dataset fingerprint (name, content hash, sizes) differs from the configured data."""
+    if saved is None or current is None or saved == current:
+        return
+    differing = ", ".join(f"{key}: {saved.get(key)!r} vs {current.get(key)!r}" for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key))
+    raise CheckpointMismatchError(
+        f"{what} was trained on dataset {saved.get('name')} but the configured data is {current.get('name')} ({differing}). "
+        "Use the checkpoint of this dataset or change `data`."
+    )
+
+
+def log_topk_metrics(module: L.LightningModule, metric: TopKMetrics, prefix: str) -> None:
+    """Log a :class:`TopKMetrics` as ``<prefix>/hr@K`` ... (already synced across processes) and reset it."""
+    values = metric.compute()
+    module.log_dict({f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val")
+    metric.reset()
+
+
 class IDRecommender(L.LightningModule):
     """Common training/evaluation logic of ID-based recommenders.
 
@@ -71,13 +89,7 @@ class IDRecommender(L.LightningModule):
         checkpoint["dataset_fingerprint"] = self.dataset_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("dataset_fingerprint")
-        if saved is not None and self.dataset_fingerprint is not None and saved != self.dataset_fingerprint:
-            raise CheckpointMismatchError(
-                f"checkpoint was trained on dataset {saved['name']} (hash {saved['content_hash'][:12]}, {saved['num_items']} items) "
-                f"but the configured data is {self.dataset_fingerprint['name']} (hash {self.dataset_fingerprint['content_hash'][:12]}, "
-                f"{self.dataset_fingerprint['num_items']} items). Use the checkpoint of this dataset or change `data`."
-            )
+        check_dataset_fingerprint(checkpoint.get("dataset_fingerprint"), self.dataset_fingerprint)
 
     # ------------------------------------------------------------------------------------ model contract
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,16 +125,11 @@ class IDRecommender(L.LightningModule):
         scores = self._masked_scores(batch)
         return {"user": batch["user"], "top_items": scores.topk(self.top_k, dim=1).indices}
 
-    def _log_metrics(self, metric: TopKMetrics, prefix: str) -> None:
-        values = metric.compute()
-        self.log_dict({f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val")
-        metric.reset()
-
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        log_topk_metrics(self, self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
+        log_topk_metrics(self, self.test_metrics, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

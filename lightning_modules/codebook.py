@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.base import CheckpointMismatchError
+from lightning_modules.base import check_dataset_fingerprint
 from lightning_modules.components.code_index import last_level_costs
 from lightning_modules.components.quantizer import RQVAE, Distance, Quantized, ResidualCodebook, paired_distance
 
@@ -134,13 +134,7 @@ class AlignmentTokenizer(L.LightningModule):
         checkpoint["dataset_fingerprint"] = self.dataset_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("dataset_fingerprint")
-        if saved is not None and self.dataset_fingerprint is not None and saved != self.dataset_fingerprint:
-            raise CheckpointMismatchError(
-                f"codebook checkpoint was trained on {saved['name']} ({saved['num_items']} items, hash {saved['content_hash'][:12]}) "
-                f"but the configured data is {self.dataset_fingerprint['name']} ({self.dataset_fingerprint['num_items']} items). "
-                "Use the checkpoint of this dataset or change `data`."
-            )
+        check_dataset_fingerprint(checkpoint.get("dataset_fingerprint"), self.dataset_fingerprint, "codebook checkpoint")
 
     # ---------------------------------------------------------------------------------------------- losses
     def llm_cost(self, prefix_sums: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:

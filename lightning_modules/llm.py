@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.base import CheckpointMismatchError
+from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
 from lightning_modules.metrics import TopKMetrics
 
 log = logging.getLogger(__name__)
@@ -262,16 +262,11 @@ class GenerativeRecommender(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"user": batch["user"], "top_items": self._beam_ranks(batch).items}
 
-    def _log_metrics(self, metric: TopKMetrics, prefix: str) -> None:
-        values = metric.compute()
-        self.log_dict({f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val")
-        metric.reset()
-
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        log_topk_metrics(self, self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
+        log_topk_metrics(self, self.test_metrics, "test")
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -281,12 +276,7 @@ class GenerativeRecommender(L.LightningModule):
             checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("dataset_fingerprint")
-        if saved is not None and self.dataset_fingerprint is not None and saved != self.dataset_fingerprint:
-            raise CheckpointMismatchError(
-                f"checkpoint was trained on {saved} but the configured data/index is {self.dataset_fingerprint}. "
-                "Use the checkpoint of this dataset and index, or change `data`."
-            )
+        check_dataset_fingerprint(checkpoint.get("dataset_fingerprint"), self.dataset_fingerprint, "LLM checkpoint (data + item index)")
         if not self.strict_loading and self.model is not None:
             missing = [name for name, param in self.model.named_parameters() if param.requires_grad and f"model.{name}" not in checkpoint["state_dict"]]
             if missing:
