@@ -2,7 +2,7 @@
 
 After ``fit``, :class:`ItemEmbeddingExporter` writes ``item_embeddings.pt`` (``[num_items, dim]`` float32, row i =
 item i) and then ``manifest.json`` into ``output_dir``. The manifest names the dataset (name and content hash),
-the shape, the model class and config, the checkpoint and its validation metrics; :func:`load_item_embeddings`
+the shape, the model class and config, the checkpoint and its validation metrics; :func:`datamodules.load_item_embeddings`
 checks it before the next stage uses the tensor. Works with any :class:`lightning_modules.IDRecommender`.
 """
 
@@ -162,32 +162,3 @@ def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
         for key, value in trainer.callback_metrics.items()
         if key.startswith("val/") and value.numel() == 1
     }
-
-
-def load_item_embeddings(
-    directory: str | Path, expected_num_items: int | None = None, expected_content_hash: str | None = None
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Load an exported ``[num_items, dim]`` float32 tensor after checking its manifest; returns (tensor, manifest)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    problems = []
-    if manifest.get("kind") != KIND:
-        problems.append(f"kind is {manifest.get('kind')!r}, not {KIND!r}")
-    if expected_num_items is not None and manifest.get("num_items") != expected_num_items:
-        problems.append(f"it has {manifest.get('num_items')} items, this run's catalogue has {expected_num_items}")
-    if expected_content_hash is not None and manifest.get("content_hash") != expected_content_hash:
-        problems.append(f"it was built from dataset {manifest.get('dataset')} with another content hash")
-    path = directory / manifest.get("file", EMBEDDINGS_NAME)
-    if not problems and not path.is_file():
-        problems.append(f"{path.name} is missing")
-    if not problems and manifest.get("sha256") and sha256_file(path) != manifest["sha256"]:
-        problems.append(f"{path.name} does not match the manifest's sha256 (modified after export)")
-    if problems:
-        raise ValueError(f"{directory}: {'; '.join(problems)}. Re-export the embeddings for this dataset (fit the ID model).")
-    embeddings = torch.load(path, map_location="cpu", weights_only=True)
-    if tuple(embeddings.shape) != (manifest["num_items"], manifest["dim"]) or embeddings.dtype != torch.float32:
-        raise ValueError(
-            f"{path}: tensor {tuple(embeddings.shape)} {embeddings.dtype} disagrees with the manifest "
-            f"({manifest['num_items']}, {manifest['dim']}) float32; re-export the embeddings."
-        )
-    return embeddings, manifest

@@ -3,6 +3,8 @@ gradients of the edge-weighted propagation, and the item-embedding export (round
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -12,8 +14,7 @@ import torch
 import yaml
 
 from callbacks import ItemEmbeddingExporter
-from callbacks.embedding_export import load_item_embeddings
-from datamodules import GraphDataModule, SequenceDataModule
+from datamodules import GraphDataModule, SequenceDataModule, load_item_embeddings
 from datamodules.artifacts import write_manifest
 from datamodules.catalogue import load_lcrec
 from datamodules.graph import normalized_adjacency, sample_negatives
@@ -165,7 +166,8 @@ def test_fit_test_and_export_round_trip(synthetic_dir, tmp_path):
     assert 0 <= test_metrics["ndcg@10"] <= test_metrics["hr@10"] <= 1
 
     catalogue = load_lcrec(synthetic_dir, "Synthetic")
-    embeddings, manifest = load_item_embeddings(out, expected_num_items=catalogue.num_items, expected_content_hash=catalogue.content_hash)
+    embeddings, provenance = load_item_embeddings(out, catalogue)
+    manifest = provenance["manifest"]
     assert embeddings.shape == (catalogue.num_items, 32) and embeddings.dtype == torch.float32
     assert torch.isfinite(embeddings).all()
     assert manifest["kind"] == "item_embeddings" and manifest["dataset"] == "Synthetic"
@@ -174,8 +176,8 @@ def test_fit_test_and_export_round_trip(synthetic_dir, tmp_path):
     assert manifest["datamodule_hparams"]["num_negatives"] == 1
     assert manifest["checkpoint"].endswith(".ckpt") and manifest["monitor"] == "val/ndcg@10"
     assert math.isclose(manifest["val_metrics"]["ndcg@10"], manifest["best_score"], rel_tol=1e-6)
-    with pytest.raises(ValueError, match="items"):
-        load_item_embeddings(out, expected_num_items=catalogue.num_items + 1)
+    with pytest.raises(ValueError, match="num_items 120 != 121"):
+        load_item_embeddings(out, dataclasses.replace(catalogue, num_items=catalogue.num_items + 1))
 
 
 def test_export_refuses_another_datasets_artifact(synthetic_dir, tmp_path):
@@ -187,7 +189,8 @@ def test_export_refuses_another_datasets_artifact(synthetic_dir, tmp_path):
     assert not (out / "item_embeddings.pt").exists()
     # the flag lifts the guard; fast_dev_run saves no checkpoint, so the current weights are exported
     main(["fit", *args, *_exporter_override(tmp_path, out, overwrite_other_dataset=True)])
-    embeddings, manifest = load_item_embeddings(out)
+    embeddings, provenance = load_item_embeddings(out, load_lcrec(synthetic_dir, "Synthetic"))
+    manifest = provenance["manifest"]
     assert manifest["dataset"] == "Synthetic" and manifest["checkpoint"] is None and embeddings.shape[0] == 120
 
 
@@ -195,7 +198,8 @@ def test_exporter_works_for_sasrec(synthetic_dir, tmp_path):
     out = tmp_path / "sasrec_embeddings"
     args = tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "run", "--trainer.max_epochs=1", "--test_after_fit=false")
     main(["fit", *args, *_exporter_override(tmp_path, out, config="synthetic/sasrec.yaml")])
-    embeddings, manifest = load_item_embeddings(out, expected_num_items=120)
+    embeddings, provenance = load_item_embeddings(out, load_lcrec(synthetic_dir, "Synthetic"))
+    manifest = provenance["manifest"]
     assert embeddings.shape == (120, 64) and manifest["model_class"] == "lightning_modules.sasrec.SASRec"
 
 
