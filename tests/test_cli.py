@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from lightning_modules.cli import build_cli, main
-from tests.conftest import CONFIGS, REPO, tiny_run_args
+from tests.conftest import CONFIGS, tiny_run_args
 
 # Pieces that only make sense stacked on a model config: parsed together with the quickstart config.
 PIECES = sorted(str(path.relative_to(CONFIGS)) for sub in ("trainer", "logger", "strategy") for path in (CONFIGS / sub).glob("*.yaml"))
