@@ -131,6 +131,7 @@ class PromptTasks:
         self._build_text_pairs()
         self._build_queries()
         self.tokenizer = None
+        self._source_lengths: tuple[np.ndarray, ...] | None = None
         self.epoch = -1
         self.set_epoch(0)
 
@@ -201,6 +202,26 @@ class PromptTasks:
 
     def __len__(self) -> int:
         return len(self.task)
+
+    def approx_lengths(self) -> np.ndarray:
+        """Rough token counts of the epoch's samples, for length-grouped batching (no tokenizing).
+
+        Behaviour samples: history items x (code tokens + separator); text and query samples: characters / 4
+        (about a Llama-2 token). Only the order of the lengths matters.
+        """
+        if self._source_lengths is None:
+            train = self.split.train
+            history = np.minimum(train.target_pos - self.catalogue.offsets[train.user], self.split.max_history)
+            behaviour = history * (self.item_index.tokens_per_item + 2)
+            fields = [prompt_field or response_field for _, prompt_field, response_field in TEXT_KINDS]
+            text = np.array([len(self.texts[fields[kind]][item]) // 4 for item, kind in zip(self.text_item, self.text_kind)], dtype=np.int64)
+            query = np.array([len(text) // 4 for text in self.query_text], dtype=np.int64)
+            self._source_lengths = (behaviour, behaviour, text, query)  # indexed by task id
+        lengths = np.zeros(len(self.task), dtype=np.int64)
+        for task, per_source in enumerate(self._source_lengths):
+            rows = self.task == task
+            lengths[rows] = per_source[self.source[rows]]
+        return lengths
 
     # ------------------------------------------------------------------------------------- rendering
     def history_text(self, history: np.ndarray) -> str:

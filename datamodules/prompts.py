@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import RecDataModule, Source, _identity_collate
 from datamodules.item_index import ItemIndex, load_item_index
@@ -49,6 +49,30 @@ class _TrainPrompts(Dataset):
 
     def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         return self.tasks.train_batch(np.asarray(rows, dtype=np.int64))
+
+
+class LengthGroupedPlan(Sampler[int]):
+    """Shuffled batches of similar length from the *current* epoch plan (re-read at every ``iter``).
+
+    The grouping is transformers' ``get_length_grouped_indices`` (shuffle, then sort inside mega-batches of 50
+    batches): one long description no longer pads 63 short behaviour prompts. The plan is re-drawn by
+    ``set_epoch`` before each epoch's iterator is created, so the lengths are taken when iterating starts.
+    """
+
+    def __init__(self, tasks: PromptTasks, batch_size: int, seed: int) -> None:
+        self.tasks, self.batch_size, self.seed, self.epoch = tasks, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from get_length_grouped_indices(self.tasks.approx_lengths().tolist(), self.batch_size, generator=generator)
 
 
 class _EvalPrompts(Dataset):
@@ -88,6 +112,8 @@ class PromptDataModule(RecDataModule):
             weight 1; a preset replaces ``tasks`` (set one or the other).
         eval_max_users: evaluate a fixed random subset of this many users (the same for val and test;
             for CPU runs); None evaluates every user.
+        group_by_length: batch samples of similar length together (shuffled groups, see
+            :class:`LengthGroupedPlan`): less padding, the same samples per epoch.
     """
 
     def __init__(
@@ -109,6 +135,7 @@ class PromptDataModule(RecDataModule):
         max_length: int = 2048,
         preset: Preset | None = None,
         eval_max_users: int | None = None,
+        group_by_length: bool = True,
     ) -> None:
         super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
         if preset is not None and tasks is not None and tasks != PRESETS[preset]:
@@ -125,6 +152,7 @@ class PromptDataModule(RecDataModule):
         self.negative_ratio = negative_ratio
         self.max_length = max_length
         self.eval_max_users = eval_max_users
+        self.group_by_length = group_by_length
         self.item_index: ItemIndex | None = None
         self.prompts: PromptTasks | None = None
 
@@ -157,9 +185,10 @@ class PromptDataModule(RecDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Workers must not persist: each epoch's iterator has to see the plan re-drawn by set_epoch().
+        sampler = LengthGroupedPlan(self.prompts, self.batch_size, self.seed) if self.group_by_length else None
         return DataLoader(
-            _TrainPrompts(self.prompts), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-            collate_fn=_identity_collate, persistent_workers=False,
+            _TrainPrompts(self.prompts), batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+            num_workers=self.num_workers, collate_fn=_identity_collate, persistent_workers=False,
         )
 
     def _eval_loader(self, stage: str) -> DataLoader:

@@ -6,6 +6,13 @@ view and each other view (intent, both adaptive views) of the batch's users and 
 batch's initial embeddings (``emb_reg``, a sum over the batch as in the official code) + L2 on the intent
 prototypes (``intent_reg``). Evaluation ranks the full catalogue with the final propagated embeddings, which are
 computed once per evaluation epoch.
+
+History fold-in (``history_weight > 0``, off by default = the published model): the graph holds only
+``items[:-2]``, so at test time the user's vector knows nothing of the validation item, and at both stages it is
+an order-free bag. Scoring adds the recency-weighted final embeddings of the last ``history_items`` items of the
+evaluation history (weights ``history_decay ** age``, the most recent item 1) to the user's vector, the same
+input a sequential model reads. No graph edge or parameter changes, so the embeddings exported to the tokenizer
+are unaffected; tune the three values on validation (configs/games/dccf.yaml lists the grid).
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ class DCCF(IDRecommender):
         weight_decay: AdamW weight decay (0: plain Adam as published; regularisation is ``emb_reg``).
         mask_history: exclude already-seen items at evaluation.
         top_k: length of predicted lists.
+        history_weight: weight of the folded-in evaluation history at scoring (0: plain DCCF).
+        history_items: how many of the most recent history items are folded in.
+        history_decay: weight ratio between an item and the next more recent one.
     """
 
     def __init__(
@@ -61,8 +71,16 @@ class DCCF(IDRecommender):
         weight_decay: float = 0.0,
         mask_history: bool = True,
         top_k: int = 20,
+        history_weight: float = 0.0,
+        history_items: int = 3,
+        history_decay: float = 0.5,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, mask_history=mask_history, top_k=top_k)
+        if history_weight < 0 or history_items < 1 or not 0 < history_decay <= 1:
+            raise ValueError(
+                f"history fold-in needs history_weight >= 0, history_items >= 1 and 0 < history_decay <= 1; got "
+                f"{history_weight}, {history_items}, {history_decay}"
+            )
         self.save_hyperparameters()
         self.adjacency: torch.Tensor | None = None
         self.num_users: int | None = None
@@ -145,7 +163,18 @@ class DCCF(IDRecommender):
         if self._eval_cache is None:
             self._refresh_cache()
         users, items = self._eval_cache
-        return users[batch["user"]] @ items.T
+        user_vectors = users[batch["user"]]
+        if self.hparams.history_weight > 0:
+            user_vectors = user_vectors + self.hparams.history_weight * self.fold_in(batch["history"], items)
+        return user_vectors @ items.T
+
+    def fold_in(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Recency-weighted sum ``[B, dim]`` of the last ``history_items`` items of left-padded ``history``."""
+        hp = self.hparams
+        recent = history[:, -hp.history_items :]
+        ages = torch.arange(recent.shape[1] - 1, -1, -1, device=recent.device)
+        weights = (hp.history_decay**ages).to(items.dtype) * (recent != self.num_items)  # padding = num_items
+        return torch.einsum("bm,bmd->bd", weights, items[recent.clamp(max=self.num_items - 1)])
 
     def item_embeddings(self) -> torch.Tensor:
         return self.propagate()[1].detach()

@@ -143,6 +143,26 @@ def test_train_loader_draws_the_epochs_negatives(synthetic_dir):
         np.testing.assert_array_equal(batch["negative"].numpy(), dataset.negatives(epoch)[rows])
 
 
+def test_history_fold_in_adds_recency_weighted_items(tmp_path):
+    datamodule = _graph_module(write_inter(tmp_path / "iso", "Iso", ISOLATED_SEQUENCES))
+    plain = _dccf(datamodule, embedding_dim=8, num_intents=4)
+    folded = _dccf(datamodule, embedding_dim=8, num_intents=4, history_weight=2.0, history_items=3, history_decay=0.5)
+    users, items = plain.propagate()
+    pad = datamodule.catalogue.num_items
+    # user 0 has a one-item history behind padding, user 3 a four-item one (only the last three count)
+    batch = {"user": torch.tensor([0, 3]), "history": torch.tensor([[pad, pad, pad, 0], [2, 4, 0, 1]])}
+    torch.testing.assert_close(plain.score_items(batch), users[[0, 3]] @ items.T)
+    expected_users = torch.stack([
+        users[0] + 2.0 * items[0],
+        users[3] + 2.0 * (0.25 * items[4] + 0.5 * items[0] + 1.0 * items[1]),
+    ])
+    torch.testing.assert_close(folded.score_items(batch), expected_users @ items.T)
+    # scoring only: the exported embeddings are the plain model's
+    torch.testing.assert_close(folded.item_embeddings(), items)
+    with pytest.raises(ValueError, match="history_decay"):
+        DCCF(history_decay=0.0)
+
+
 def test_dccf_requires_the_graph_datamodule(synthetic_dir):
     with pytest.raises(TypeError, match="GraphDataModule"):
         DCCF().attach_data(SequenceDataModule(data_dir=str(synthetic_dir)))

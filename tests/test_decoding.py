@@ -120,6 +120,33 @@ def test_beam_search_equals_brute_force():
         assert items[row, 12:].tolist() == [-1] * 4 and torch.isinf(scores[row, 12:]).all()
 
 
+def test_renormalised_beam_search_equals_brute_force_over_the_trie():
+    """With ``renormalize`` every step is a log-prob given the trie: brute force sums log-softmax over trie children."""
+    model, codes = tiny_model(seed=5), make_codes(12, seed=4)
+    trie = CodeTrie(codes, EOS)
+    ids, mask = left_padded([6, 6])
+    items, scores = generate_topk(model, TOKENIZER, ids, mask, trie, num_beams=16, num_return_sequences=16, renormalize=True)
+    children: dict[tuple[int, ...], list[int]] = {}
+    for code in codes:
+        for depth in range(len(code)):
+            siblings = children.setdefault(code[:depth], [])
+            if code[depth] not in siblings:
+                siblings.append(code[depth])
+    for row in range(ids.shape[0]):
+        sequences = torch.tensor([ids[row].tolist() + list(code) for code in codes])
+        with torch.no_grad():
+            logits = model(sequences).logits.float()[:, ids.shape[1] - 1 : -1]
+        totals = []
+        for n, code in enumerate(codes):
+            steps = [torch.log_softmax(logits[n, d, children[code[:d]]], dim=0)[children[code[:d]].index(code[d])] for d in range(len(code))]
+            totals.append(sum(steps))  # the forced EOS contributes log 1 = 0
+        totals = torch.stack(totals)
+        order = totals.argsort(descending=True)
+        assert items[row, :12].tolist() == order.tolist()
+        torch.testing.assert_close(scores[row, :12], totals[order], atol=1e-4, rtol=1e-4)
+        assert torch.exp(totals).sum() == pytest.approx(1.0, abs=1e-4)  # a distribution over the items
+
+
 def test_only_valid_distinct_items_and_same_as_dict_trie():
     model, codes = tiny_model(seed=3), make_codes(40, seed=2)
     trie = CodeTrie(codes, EOS, items=range(500, 540))

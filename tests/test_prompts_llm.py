@@ -234,6 +234,27 @@ def test_long_samples_are_dropped_and_counted(prompt_dm):
     assert dropped.tolist() == np.bincount(tasks.task[lengths > 90], minlength=len(TASKS)).tolist()
 
 
+def test_length_grouped_batches_cover_the_plan_once(prompt_dm):
+    from datamodules.prompts import LengthGroupedPlan
+
+    tasks = prompt_dm.prompts
+    lengths = tasks.approx_lengths()
+    rows = np.flatnonzero(tasks.task == SEQUENTIAL_TASK)[:20]
+    exact = np.array([len(tasks.tokenizer(p)["input_ids"]) for p in tasks.render(rows)[0]])
+    assert np.corrcoef(lengths[rows], exact)[0, 1] > 0.9  # the proxy orders samples like their real lengths
+    sampler = LengthGroupedPlan(tasks, batch_size=16, seed=1)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first) == sorted(second) == list(range(len(tasks))) and first != second
+
+    def padding(order):  # total padding when cutting the order into batches of 16
+        batches = [lengths[order[i : i + 16]] for i in range(0, len(order), 16)]
+        return sum(int(b.max() * len(b) - b.sum()) for b in batches)
+
+    assert padding(np.array(first)) < 0.5 * padding(np.random.default_rng(0).permutation(len(tasks)))
+
+
 def test_task_weights_and_presets(prompt_dm):
     base = prompt_dm.prompts
     natural = {name: count for name, count in base.counts.items()}
@@ -288,6 +309,48 @@ def test_mlp_code_embedding_init(synthetic_dir, tmp_path):
     bare = load_item_index(tmp_path / "export" / "index.json", catalogue)
     with pytest.raises(ValueError, match="codebook.pt"):
         module._init_code_embeddings(model, bare, table)
+
+
+def test_level_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
+    """``code_softmax: level``: code targets against their level's codes, code-closing EOS skipped, text over the vocabulary."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    require_tokenizer()
+    index = write_index(tmp_path / "index.json", synthetic_codes())
+    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=1, seed=3)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_softmax="level")
+    module._trainer = SimpleNamespace(datamodule=dm)
+    module.setup("fit")
+    module.configure_model()
+    tasks = dm.prompts
+    rows = np.concatenate([np.flatnonzero(tasks.task == task)[:3] for task in (SEQUENTIAL_TASK, NEGATIVE_TASK, TEXT_TASK)])
+    batch = tasks.train_batch(rows)
+    assert any(isinstance(r, str) for r in tasks.render(rows)[1])  # a text response is in the batch
+    loss = module.response_loss(batch)
+
+    model, tokenizer = module.model, module.tokenizer
+    levels = [tokenizer.convert_tokens_to_ids([f"<{letter}_{code}>" for code in range(8)]) for letter in "abc"]
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    weight = model.lm_head.weight
+    terms = []
+    for b, t in zip(*torch.nonzero(batch["labels"][:, 1:] != -100, as_tuple=True)):
+        target, h = int(batch["labels"][b, t + 1]), hidden[b, t]
+        level = next((l for l, ids in enumerate(levels) if target in ids), None)
+        if level is not None:
+            terms.append(F.cross_entropy((weight[levels[level]] @ h)[None], torch.tensor([levels[level].index(target)])))
+        elif target == tokenizer.eos_token_id and any(int(batch["labels"][b, t]) in ids for ids in levels):
+            continue  # the EOS after a code: forced by the trie, not trained
+        else:
+            terms.append(F.cross_entropy((weight @ h)[None], torch.tensor([target])))
+    torch.testing.assert_close(loss.detach(), torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+    assert module.renormalize_codes
+    with pytest.raises(ValueError, match="full_finetune"):
+        GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, code_softmax="level")
 
 
 # -------------------------------------------------------------------------------------------------- CLI runs

@@ -1,7 +1,8 @@
 """Constrained beam search: top-K item ids per prompt from a causal LM and a :class:`CodeTrie`.
 
 Scores are HF's ``sequences_scores`` with ``length_penalty=0``: the summed log-probability of the ``L`` code
-tokens plus EOS under the model (the trie only removes candidates, it does not renormalise). Every item has the
+tokens plus EOS under the model (the trie only removes candidates; with ``renormalize`` each step is
+renormalised over the allowed tokens instead, for models trained with a per-level code softmax). Every item has the
 same length, so a length penalty could not change the order anyway; 0 keeps the score a plain log-probability.
 """
 
@@ -99,6 +100,7 @@ def generate_topk(
     max_new_tokens: int | None = None,
     processor: LogitsProcessor | None = None,
     share_prompt: bool = True,
+    renormalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K items per prompt by trie-constrained beam search.
 
@@ -114,6 +116,7 @@ def generate_topk(
         processor: replaces the trie processor (benchmarks: a timed wrapper, or transformers' own).
         share_prompt: encode each prompt once and share its KV cache across beams (:func:`shared_prompt_cache`);
             ``False`` is plain ``generate`` (identical results up to float rounding).
+        renormalize: score each step over the trie's allowed tokens only (see :class:`TrieLogitsProcessor`).
 
     Returns:
         ``items`` ``[B, K]`` distinct item ids per row, best first, and their ``scores`` (summed log-probs);
@@ -131,7 +134,7 @@ def generate_topk(
         num_beams, num_return_sequences, max_new_tokens or code_length + 1, pad, eos, getattr(tokenizer, "bos_token_id", None)
     )
     trie.to(prompts_input_ids.device)
-    processors = LogitsProcessorList([processor if processor is not None else TrieLogitsProcessor(trie, prompt_len)])
+    processors = LogitsProcessorList([processor if processor is not None else TrieLogitsProcessor(trie, prompt_len, renormalize=renormalize)])
     with isolated_generation_config(model), torch.inference_mode():
         cache = {}
         if share_prompt and prompt_len > 1 and num_beams > 1:
@@ -173,7 +176,9 @@ class BeamBatchResult:
     ranks: torch.Tensor
 
 
-def beam_eval_batch(module, batch: dict[str, torch.Tensor], num_beams: int = 20, top_k: int = 20) -> BeamBatchResult:
+def beam_eval_batch(
+    module, batch: dict[str, torch.Tensor], num_beams: int = 20, top_k: int = 20, renormalize: bool | None = None
+) -> BeamBatchResult:
     """Beam-search one eval batch of a module exposing ``.model``, ``.tokenizer`` and ``.code_trie``.
 
     For a LightningModule's ``validation_step``/``test_step``::
@@ -186,11 +191,16 @@ def beam_eval_batch(module, batch: dict[str, torch.Tensor], num_beams: int = 20,
         batch: ``input_ids``/``attention_mask`` (left-padded prompts) and ``target_item`` ``[B]``.
         num_beams: beam width.
         top_k: items kept per user (``num_return_sequences``).
+        renormalize: renormalise step scores over the allowed tokens; ``None`` takes the module's
+            ``renormalize_codes`` (true for models trained with ``code_softmax: level``).
     """
+    if renormalize is None:
+        renormalize = bool(getattr(module, "renormalize_codes", False))
     device = batch["input_ids"].device
     if module.code_trie.device != device:
         module.code_trie.to(device)
     items, scores = generate_topk(
-        module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], module.code_trie, num_beams, top_k
+        module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], module.code_trie, num_beams, top_k,
+        renormalize=renormalize,
     )
     return BeamBatchResult(items, scores, rank_in_list(items, batch["target_item"].to(device)))

@@ -162,13 +162,17 @@ class TrieLogitsProcessor(LogitsProcessor):
         inplace: write the mask into ``scores`` (default). HF beam search passes a fresh ``log_softmax`` output
             that nothing else holds, and a new ``[rows, vocab]`` buffer per step costs more than the masking
             itself on CPU (page faults on ~40 MB for 20 beams x 16 prompts x 33k tokens). ``False`` returns a copy.
+        renormalize: subtract each row's log-sum-exp over its allowed tokens, so a step's scores are
+            log-probabilities *given* the trie (for models trained with a per-level code softmax, whose
+            vocabulary-wide mass outside the codes is untrained). Off: scores stay the model's own log-probs.
     """
 
-    def __init__(self, trie: CodeTrie, prompt_len: int | None = None, inplace: bool = True) -> None:
+    def __init__(self, trie: CodeTrie, prompt_len: int | None = None, inplace: bool = True, renormalize: bool = False) -> None:
         self.trie = trie
         self.prompt_len = prompt_len
         self._detected = False
         self.inplace = inplace
+        self.renormalize = renormalize
 
     def reset(self) -> None:
         """Forget a prompt length detected from a previous ``generate`` call."""
@@ -185,7 +189,7 @@ class TrieLogitsProcessor(LogitsProcessor):
         out = scores if self.inplace else torch.empty_like(scores)
         eos = trie.eos_token_id
         if depth >= trie.code_length:
-            kept = scores[:, eos].clone()
+            kept = torch.zeros_like(scores[:, eos]) if self.renormalize else scores[:, eos].clone()
             out.fill_(-float("inf"))
             out[:, eos] = kept
             return out
@@ -193,6 +197,8 @@ class TrieLogitsProcessor(LogitsProcessor):
         tokens = trie.level_tokens[depth]
         allowed = trie.allowed[state.clamp(min=0), : tokens.numel()] & (state >= 0)[:, None]
         kept = torch.where(allowed, scores.index_select(1, tokens), -float("inf"))
+        if self.renormalize:  # rows without an allowed token (dead beams) stay -inf instead of NaN
+            kept = kept - torch.logsumexp(kept, dim=1, keepdim=True).nan_to_num(nan=0.0, neginf=0.0)
         # A row whose prefix left the trie may only end (keeps such dead beams from spelling codes).
         dead_eos = torch.where(state >= 0, -float("inf"), scores[:, eos])
         out.fill_(-float("inf"))
