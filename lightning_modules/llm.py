@@ -13,11 +13,12 @@
 4. the datamodule gets the tokenizer (``set_tokenizer``) and the code trie is built for constrained decoding.
 
 Training computes logits only at supervised positions (labels != -100): the LM head over the whole prompt
-would cost ``T x vocab`` per sample for nothing. With ``code_softmax: level`` a position whose target is an item
-code scores only its level's K code tokens (the only tokens the trie-constrained decoder can pick there), the
-EOS that closes a code is not trained (the trie forces it), and decoding renormalises over the allowed tokens;
-text positions keep the full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this
-is ~3x faster per step; with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss). Validation/test decode the top-K items by trie-constrained
+would cost ``T x vocab`` per sample for nothing. With ``code_softmax: trie`` a position whose target is an item
+code scores only the codes that continue its prefix in the item trie (what the constrained decoder can pick
+there), the EOS that closes a code is not trained (the trie forces it), and decoding renormalises over the
+allowed tokens: training maximises exactly the item likelihood the decoder ranks by. Text positions keep the
+full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this is also ~2-3x faster
+per step; with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss). Validation/test decode the top-K items by trie-constrained
 beam search (:mod:`lightning_modules.components.decoding`) and log ``val/hr@10`` etc.
 """
 
@@ -76,9 +77,9 @@ class GenerativeRecommender(L.LightningModule):
         warmup_steps: linear warm-up steps, then cosine decay to 0 over the run.
         num_beams: beam width of constrained decoding.
         eval_top_k: items returned per user (at least 10 for HR@10).
-        code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary) or ``level``
-            (code targets scored against their level's codes only, beam scores renormalised over the allowed
-            tokens; needs ``full_finetune``, since LoRA keeps the new LM-head rows inside peft's wrapper).
+        code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary) or ``trie``
+            (code targets scored against the trie's continuations of their prefix, beam scores renormalised over
+            the allowed tokens; needs ``full_finetune``, since LoRA keeps the new LM-head rows inside peft's wrapper).
     """
 
     def __init__(
@@ -101,7 +102,7 @@ class GenerativeRecommender(L.LightningModule):
         warmup_steps: int = 100,
         num_beams: int = 20,
         eval_top_k: int = 20,
-        code_softmax: Literal["vocabulary", "level"] = "vocabulary",
+        code_softmax: Literal["vocabulary", "trie"] = "vocabulary",
     ) -> None:
         super().__init__()
         if (model_path is None) == (llama_config is None):
@@ -112,8 +113,8 @@ class GenerativeRecommender(L.LightningModule):
             raise ValueError("choose one training mode: `lora: true` (adapters + new token rows) or `full_finetune: true`")
         if eval_top_k > num_beams or eval_top_k < TopKMetrics().max_k:
             raise ValueError(f"eval_top_k must be in [{TopKMetrics().max_k}, num_beams={num_beams}], got {eval_top_k}")
-        if code_softmax == "level" and not full_finetune:
-            raise ValueError("code_softmax: level reads the LM head's code rows directly; with LoRA they live in peft's "
+        if code_softmax == "trie" and not full_finetune:
+            raise ValueError("code_softmax: trie reads the LM head's code rows directly; with LoRA they live in peft's "
                              "trainable-token wrapper. Use full_finetune: true, or code_softmax: vocabulary.")
         self.save_hyperparameters()
         self.lora_target_modules = lora_target_modules or list(DEFAULT_LORA_TARGETS)
@@ -219,19 +220,6 @@ class GenerativeRecommender(L.LightningModule):
         self.model, self.tokenizer = model, tokenizer
         datamodule.set_tokenizer(tokenizer)
         self.code_trie = self._build_trie(datamodule.prompts.code_ids, tokenizer.eos_token_id)
-        self._index_code_levels(index.level_token_ids(tokenizer.get_vocab()), index.level_sizes(), len(tokenizer))
-
-    def _index_code_levels(self, level_ids, level_sizes: list[int], vocab_size: int) -> None:
-        """Lookup tables of the ``level`` softmax: token id -> (level, slot), level -> its token ids."""
-        self.level_token_ids = torch.from_numpy(level_ids)  # [levels, max K], 0-padded
-        self.level_slot_valid = torch.arange(level_ids.shape[1])[None, :] < torch.tensor(level_sizes)[:, None]
-        self.token_level = torch.full((vocab_size,), -1, dtype=torch.long)
-        self.token_slot = torch.zeros(vocab_size, dtype=torch.long)
-        levels = torch.arange(len(level_sizes))[:, None].expand_as(self.level_token_ids)
-        slots = torch.arange(level_ids.shape[1])[None, :].expand_as(self.level_token_ids)
-        valid = self.level_slot_valid
-        self.token_level[self.level_token_ids[valid]] = levels[valid]
-        self.token_slot[self.level_token_ids[valid]] = slots[valid]
 
     @staticmethod
     def _build_trie(code_ids, eos_token_id: int):
@@ -253,32 +241,46 @@ class GenerativeRecommender(L.LightningModule):
         hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
         targets = batch["labels"][:, 1:]
         supervised = targets != -100
-        if self.hparams.code_softmax == "level":
-            return self._level_loss(lm, hidden[:, :-1], targets, supervised)
+        if self.hparams.code_softmax == "trie":
+            return self._trie_loss(lm, hidden[:, :-1], targets, supervised)
         logits = lm.get_output_embeddings()(hidden[:, :-1][supervised])
         return F.cross_entropy(logits.float(), targets[supervised])
 
-    def _level_loss(self, lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy with code targets scored among their level's codes, other tokens over the vocabulary."""
-        device = targets.device
-        if self.token_level.device != device:
-            self.token_level, self.token_slot = self.token_level.to(device), self.token_slot.to(device)
-            self.level_token_ids, self.level_slot_valid = self.level_token_ids.to(device), self.level_slot_valid.to(device)
-        level = torch.where(supervised, self.token_level[targets.clamp(min=0)], -1)
-        previous_is_code = F.pad(level[:, :-1] >= 0, (1, 0), value=False)
-        closes_code = (targets == self.tokenizer.eos_token_id) & previous_is_code  # forced by the trie at decoding
-        is_code, is_text = level >= 0, supervised & (level < 0) & ~closes_code
+    def _trie_loss(self, lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with each code target scored among the trie's continuations of its prefix.
+
+        That is the exact log-likelihood of the item under the renormalised constrained decoder: a product over
+        code positions of softmaxes over the valid next codes. Text targets keep the whole vocabulary; the EOS
+        that closes a code is not trained (the trie forces it). One pass per code depth (L of them).
+        """
+        trie = self.code_trie if self.code_trie.device == targets.device else self.code_trie.to(targets.device)
         head = lm.get_output_embeddings()
-        code_hidden, code_level = hidden[is_code], level[is_code]
-        # every code row once ([Nc, L*K]: L*K << vocabulary), then each position's own level
-        all_levels = code_hidden @ head.weight.index_select(0, self.level_token_ids.view(-1)).T
-        code_logits = all_levels.view(len(code_level), *self.level_token_ids.shape)
-        code_logits = code_logits[torch.arange(len(code_level), device=device), code_level].float()
-        code_logits = code_logits.masked_fill(~self.level_slot_valid[code_level], -float("inf"))
-        total = F.cross_entropy(code_logits, self.token_slot[targets[is_code]], reduction="sum")
+        bound = trie.token_slot.shape[1]
+        in_range = supervised & (targets < bound)
+        slots = torch.where(in_range[None], trie.token_slot[:, targets.clamp(0, bound - 1)], -1)  # [L, B, T]
+        depth = torch.where((slots >= 0).any(0), (slots >= 0).long().argmax(0), -1)  # code level of each target
+        previous_is_code = F.pad(depth[:, :-1] >= 0, (1, 0), value=False)
+        closes_code = (targets == trie.eos_token_id) & previous_is_code
+        total, count = hidden.new_zeros((), dtype=torch.float32), 0
+        coded = torch.zeros_like(supervised)
+        for d in range(trie.code_length):
+            rows, cols = torch.nonzero(depth == d, as_tuple=True)
+            if len(rows) == 0:
+                continue
+            prefix = targets[rows[:, None], (cols[:, None] - d + torch.arange(d, device=targets.device)).clamp(min=0)]
+            state = trie.walk(prefix)
+            valid = (state >= 0) & (cols >= d)  # a code token outside any item's code (e.g. in a text) is scored as text
+            rows, cols, state = rows[valid], cols[valid], state[valid]
+            tokens = trie.level_tokens[d]
+            logits = (hidden[rows, cols] @ head.weight.index_select(0, tokens).T).float()
+            logits = logits.masked_fill(~trie.allowed[state, : len(tokens)], -float("inf"))
+            total = total + F.cross_entropy(logits, slots[d, rows, cols], reduction="sum")
+            count += len(rows)
+            coded[rows, cols] = True
+        is_text = supervised & ~coded & ~closes_code
         if is_text.any():
             total = total + F.cross_entropy(head(hidden[is_text]).float(), targets[is_text], reduction="sum")
-        return total / (is_code.sum() + is_text.sum()).clamp(min=1)
+        return total / max(count + int(is_text.sum()), 1)
 
     def on_train_epoch_start(self) -> None:
         set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)
@@ -303,8 +305,8 @@ class GenerativeRecommender(L.LightningModule):
 
     @property
     def renormalize_codes(self) -> bool:
-        """Beam search renormalises over the allowed codes when training scored codes per level."""
-        return self.hparams.code_softmax == "level"
+        """Beam search renormalises over the allowed codes when training did (``code_softmax: trie``)."""
+        return self.hparams.code_softmax == "trie"
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.val_metrics.update(self._beam_ranks(batch).ranks)

@@ -311,18 +311,19 @@ def test_mlp_code_embedding_init(synthetic_dir, tmp_path):
         module._init_code_embeddings(model, bare, table)
 
 
-def test_level_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
-    """``code_softmax: level``: code targets against their level's codes, code-closing EOS skipped, text over the vocabulary."""
+def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
+    """``code_softmax: trie``: a code target among its prefix's continuations, code-closing EOS skipped, text over the vocabulary."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
 
     require_tokenizer()
-    index = write_index(tmp_path / "index.json", synthetic_codes())
+    codes = synthetic_codes()
+    index = write_index(tmp_path / "index.json", codes)
     dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=1, seed=3)
     dm.setup("fit")
     torch.manual_seed(0)
-    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_softmax="level")
+    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_softmax="trie")
     module._trainer = SimpleNamespace(datamodule=dm)
     module.setup("fit")
     module.configure_model()
@@ -333,24 +334,37 @@ def test_level_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
     loss = module.response_loss(batch)
 
     model, tokenizer = module.model, module.tokenizer
-    levels = [tokenizer.convert_tokens_to_ids([f"<{letter}_{code}>" for code in range(8)]) for letter in "abc"]
+    code_ids = tasks.code_ids.tolist()  # [items, 3] token ids
+    children: dict[tuple[int, ...], list[int]] = {}
+    for row in code_ids:
+        for depth in range(3):
+            siblings = children.setdefault(tuple(row[:depth]), [])
+            if row[depth] not in siblings:
+                siblings.append(row[depth])
+    code_tokens = {token for row in code_ids for token in row}
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    weight = model.lm_head.weight
-    terms = []
-    for b, t in zip(*torch.nonzero(batch["labels"][:, 1:] != -100, as_tuple=True)):
-        target, h = int(batch["labels"][b, t + 1]), hidden[b, t]
-        level = next((l for l, ids in enumerate(levels) if target in ids), None)
-        if level is not None:
-            terms.append(F.cross_entropy((weight[levels[level]] @ h)[None], torch.tensor([levels[level].index(target)])))
-        elif target == tokenizer.eos_token_id and any(int(batch["labels"][b, t]) in ids for ids in levels):
-            continue  # the EOS after a code: forced by the trie, not trained
-        else:
-            terms.append(F.cross_entropy((weight @ h)[None], torch.tensor([target])))
+    weight, labels = model.lm_head.weight, batch["labels"]
+    terms, code_terms = [], 0
+    for b in range(len(labels)):
+        response = [(t, int(labels[b, t + 1])) for t in range(labels.shape[1] - 1) if labels[b, t + 1] != -100]
+        previous: list[int] = []
+        for t, target in response:
+            h = hidden[b, t]
+            if target in code_tokens:
+                allowed = children[tuple(previous)]
+                terms.append(F.cross_entropy((weight[allowed] @ h)[None], torch.tensor([allowed.index(target)])))
+                previous.append(target)
+                code_terms += 1
+            elif target == tokenizer.eos_token_id and previous:
+                continue  # the EOS after a code: forced by the trie, not trained
+            else:
+                terms.append(F.cross_entropy((weight @ h)[None], torch.tensor([target])))
+    assert code_terms == 3 * 6 + 3 * sum(isinstance(r, int) for r in tasks.render(rows[6:])[1])
     torch.testing.assert_close(loss.detach(), torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
     assert module.renormalize_codes
     with pytest.raises(ValueError, match="full_finetune"):
-        GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, code_softmax="level")
+        GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, code_softmax="trie")
 
 
 # -------------------------------------------------------------------------------------------------- CLI runs

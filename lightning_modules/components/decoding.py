@@ -2,8 +2,9 @@
 
 Scores are HF's ``sequences_scores`` with ``length_penalty=0``: the summed log-probability of the ``L`` code
 tokens plus EOS under the model (the trie only removes candidates; with ``renormalize`` each step is
-renormalised over the allowed tokens instead, for models trained with a per-level code softmax). Every item has the
-same length, so a length penalty could not change the order anyway; 0 keeps the score a plain log-probability.
+renormalised over the allowed tokens instead, for models trained with the trie-restricted code softmax).
+Every item has the same length, so a length penalty could not change the order anyway; 0 keeps the score a
+plain log-probability.
 """
 
 from __future__ import annotations

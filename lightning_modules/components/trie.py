@@ -163,7 +163,7 @@ class TrieLogitsProcessor(LogitsProcessor):
             that nothing else holds, and a new ``[rows, vocab]`` buffer per step costs more than the masking
             itself on CPU (page faults on ~40 MB for 20 beams x 16 prompts x 33k tokens). ``False`` returns a copy.
         renormalize: subtract each row's log-sum-exp over its allowed tokens, so a step's scores are
-            log-probabilities *given* the trie (for models trained with a per-level code softmax, whose
+            log-probabilities *given* the trie (for models trained with the trie-restricted code softmax, whose
             vocabulary-wide mass outside the codes is untrained). Off: scores stay the model's own log-probs.
     """
 
