@@ -213,9 +213,10 @@ class PromptTasks:
             train = self.split.train
             history = np.minimum(train.target_pos - self.catalogue.offsets[train.user], self.split.max_history)
             behaviour = history * (self.item_index.tokens_per_item + 2)
-            fields = [prompt_field or response_field for _, prompt_field, response_field in TEXT_KINDS]
-            text = np.array([len(self.texts[fields[kind]][item]) // 4 for item, kind in zip(self.text_item, self.text_kind)], dtype=np.int64)
-            query = np.array([len(text) // 4 for text in self.query_text], dtype=np.int64)
+            chars = {name: np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) for name, texts in self.texts.items()}
+            field_chars = np.stack([chars[prompt_field or response_field] for _, prompt_field, response_field in TEXT_KINDS])
+            text = field_chars[self.text_kind, self.text_item] // 4
+            query = np.fromiter(map(len, self.query_text), dtype=np.int64, count=len(self.query_text)) // 4
             self._source_lengths = (behaviour, behaviour, text, query)  # indexed by task id
         lengths = np.zeros(len(self.task), dtype=np.int64)
         for task, per_source in enumerate(self._source_lengths):

@@ -18,8 +18,9 @@ code scores only the codes that continue its prefix in the item trie (what the c
 there), the EOS that closes a code is not trained (the trie forces it), and decoding renormalises over the
 allowed tokens: training maximises exactly the item likelihood the decoder ranks by. Text positions keep the
 full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this is also ~2-3x faster
-per step; with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss). Validation/test decode the top-K items by trie-constrained
-beam search (:mod:`lightning_modules.components.decoding`) and log ``val/hr@10`` etc.
+per step; with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss). Validation/test
+decode the top-K items by trie-constrained beam search (:mod:`lightning_modules.components.decoding`) and log
+``val/hr@10`` etc.
 """
 
 from __future__ import annotations
@@ -261,12 +262,10 @@ class GenerativeRecommender(L.LightningModule):
         depth = torch.where((slots >= 0).any(0), (slots >= 0).long().argmax(0), -1)  # code level of each target
         previous_is_code = F.pad(depth[:, :-1] >= 0, (1, 0), value=False)
         closes_code = (targets == trie.eos_token_id) & previous_is_code
-        total, count = hidden.new_zeros((), dtype=torch.float32), 0
+        total = hidden.new_zeros((), dtype=torch.float32)
         coded = torch.zeros_like(supervised)
-        for d in range(trie.code_length):
+        for d in range(trie.code_length):  # an empty depth contributes a zero sum
             rows, cols = torch.nonzero(depth == d, as_tuple=True)
-            if len(rows) == 0:
-                continue
             prefix = targets[rows[:, None], (cols[:, None] - d + torch.arange(d, device=targets.device)).clamp(min=0)]
             state = trie.walk(prefix)
             valid = (state >= 0) & (cols >= d)  # a code token outside any item's code (e.g. in a text) is scored as text
@@ -275,12 +274,10 @@ class GenerativeRecommender(L.LightningModule):
             logits = (hidden[rows, cols] @ head.weight.index_select(0, tokens).T).float()
             logits = logits.masked_fill(~trie.allowed[state, : len(tokens)], -float("inf"))
             total = total + F.cross_entropy(logits, slots[d, rows, cols], reduction="sum")
-            count += len(rows)
             coded[rows, cols] = True
         is_text = supervised & ~coded & ~closes_code
-        if is_text.any():
-            total = total + F.cross_entropy(head(hidden[is_text]).float(), targets[is_text], reduction="sum")
-        return total / max(count + int(is_text.sum()), 1)
+        total = total + F.cross_entropy(head(hidden[is_text]).float(), targets[is_text], reduction="sum")
+        return total / (coded | is_text).sum().clamp(min=1)
 
     def on_train_epoch_start(self) -> None:
         set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)

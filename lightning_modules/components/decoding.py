@@ -193,7 +193,7 @@ def beam_eval_batch(
         num_beams: beam width.
         top_k: items kept per user (``num_return_sequences``).
         renormalize: renormalise step scores over the allowed tokens; ``None`` takes the module's
-            ``renormalize_codes`` (true for models trained with ``code_softmax: level``).
+            ``renormalize_codes`` (true for models trained with ``code_softmax: trie``).
     """
     if renormalize is None:
         renormalize = bool(getattr(module, "renormalize_codes", False))
