@@ -362,6 +362,8 @@ def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
                 terms.append(F.cross_entropy((weight @ h)[None], torch.tensor([target])))
     assert code_terms == 3 * 6 + 3 * sum(isinstance(r, int) for r in tasks.render(rows[6:])[1])
     torch.testing.assert_close(loss.detach(), torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+    behaviour_only = module.response_loss(tasks.train_batch(rows[:6]))  # no text position: that term is an empty sum
+    torch.testing.assert_close(behaviour_only.detach(), torch.stack(terms[: 3 * 6]).mean(), atol=1e-5, rtol=1e-5)
     assert module.renormalize_codes
     with pytest.raises(ValueError, match="full_finetune"):
         GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, code_softmax="trie")
