@@ -15,16 +15,17 @@ so a crash never leaves a half-written export (an older export is replaced as a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
 from datamodules.artifacts import atomic_write_json, read_manifest, write_manifest
 
@@ -111,11 +112,28 @@ def load_exported_llm(directory: str | Path, dtype: str = "auto") -> tuple[Any, 
     return model, tokenizer, manifest
 
 
+@contextlib.contextmanager
+def full_weights(trainer: L.Trainer, module: L.LightningModule) -> Iterator[None]:
+    """Inside this context every parameter of ``module`` holds its full tensor on every rank.
+
+    DeepSpeed ZeRO-3 keeps only a 1/world-size slice of each weight per rank (the rest are empty placeholders),
+    so saving them as they are would write empty tensors. ``GatheredParameters`` all-gathers them for the
+    duration of the block; every rank must enter it. Other strategies already hold full weights.
+    """
+    if not getattr(trainer.strategy, "zero_stage_3", False):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
 class LLMExporter(L.Callback):
     """At the end of fit, export the adapter (or full weights), tokenizer, index and manifest atomically.
 
-    Exports the weights training ended with, from rank 0. DeepSpeed ZeRO-3 shards the weights across ranks and
-    is not supported here (ZeRO-2, DDP and single-device runs are).
+    Exports the weights training ended with, written by rank 0. Under DeepSpeed ZeRO-3 the weight shards are
+    first gathered from all ranks (the whole model must then fit on one device for the export).
 
     Args:
         output_dir: the artifact directory (e.g. ``artifacts/industrial/llm``); replaced as a whole.
@@ -125,9 +143,11 @@ class LLMExporter(L.Callback):
         self.output_dir = output_dir
         self.manifest: dict[str, Any] | None = None
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             log.warning("fit was interrupted; the LLM is not exported")
             return
-        self.manifest = export_llm(self.output_dir, pl_module, trainer.datamodule, trainer.global_step)
+        with full_weights(trainer, pl_module):
+            if trainer.is_global_zero:
+                self.manifest = export_llm(self.output_dir, pl_module, trainer.datamodule, trainer.global_step)
+        trainer.strategy.barrier("llm_export")

@@ -35,7 +35,9 @@ def check_dataset_fingerprint(saved: dict[str, Any] | None, current: dict[str, A
 def log_topk_metrics(module: L.LightningModule, metric: TopKMetrics, prefix: str) -> None:
     """Log a :class:`TopKMetrics` as ``<prefix>/hr@K`` ... (already synced across processes) and reset it."""
     values = metric.compute()
-    module.log_dict({f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val")
+    # The values are already global; sync_dist=True averages identical numbers (one tiny all-reduce per epoch)
+    # and keeps Lightning from warning that epoch-level values were logged unsynced under DDP / DeepSpeed.
+    module.log_dict({f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val", sync_dist=True)
     metric.reset()
 
 

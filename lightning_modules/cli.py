@@ -15,6 +15,7 @@ import sys
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 PROJECT_LOGGERS = ("datamodules", "lightning_modules", "callbacks")
 
@@ -47,6 +48,16 @@ class SemConvCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         ckpt_path = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
+        if ckpt_path and getattr(self.trainer.strategy, "zero_stage_3", False):
+            # DeepSpeed cannot load a ZeRO-3 checkpoint into the optimizer-less engine that `test` builds
+            # (AttributeError '_restore_from_bit16_weights', deepspeedai/DeepSpeed#7272; seen with 0.19.8).
+            rank_zero_warn(
+                "DeepSpeed ZeRO-3: testing the weights fit ended with, not the best checkpoint (DeepSpeed cannot reload "
+                "a ZeRO-3 checkpoint for test). To test the best one, consolidate it with lightning.pytorch.utilities."
+                "deepspeed.convert_zero_checkpoint_to_fp32_state_dict and run `test --ckpt_path <file>` with "
+                "--trainer.strategy.init_args.load_full_weights true."
+            )
+            ckpt_path = None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 

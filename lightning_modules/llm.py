@@ -25,6 +25,7 @@ decode the top-K items by trie-constrained beam search (:mod:`lightning_modules.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, Literal
@@ -153,6 +154,14 @@ class GenerativeRecommender(L.LightningModule):
         from transformers import AutoModelForCausalLM, LlamaConfig
 
         hp = self.hparams
+        if self._zero_stage_3():
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Lightning's configure_model runs inside deepspeed.zero.Init, so every weight is created as an empty
+            # 1/world-size shard. transformers must know: from_pretrained then loads each tensor into its shard,
+            # and weight init / resize_token_embeddings gather the shards instead of indexing empty placeholders.
+            # It keeps only a weak reference to this object: hold it for the run.
+            self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
         if hp.model_path is not None:
             dtype = hp.load_dtype if hp.load_dtype == "auto" else getattr(torch, hp.load_dtype)
             model = AutoModelForCausalLM.from_pretrained(hp.model_path, dtype=dtype, attn_implementation=hp.attn_implementation)
@@ -165,6 +174,9 @@ class GenerativeRecommender(L.LightningModule):
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
 
+    def _zero_stage_3(self) -> bool:
+        return bool(getattr(getattr(self._trainer, "strategy", None), "zero_stage_3", False))
+
     def _init_code_embeddings(self, model: nn.Module, index, token_ids: torch.Tensor) -> None:
         """Table 7: new input rows = MLP(code vector), rescaled to the statistics of the original rows."""
         if index.codebook_path is None:
@@ -175,10 +187,15 @@ class GenerativeRecommender(L.LightningModule):
         books = torch.load(index.codebook_path, map_location="cpu", weights_only=True)["quantizer_state"]["codebooks"].float()
         levels, size, dim = books.shape
         weight = model.get_input_embeddings().weight
-        width = weight.shape[1]
+        width = model.get_input_embeddings().embedding_dim  # weight.shape is (0,) under ZeRO-3 sharding
         hidden = int(math.sqrt(dim * width))
         dims = [dim, hidden, width] if self.hparams.code_embedding_init == "mlp2" else [dim, hidden, hidden, width]
-        with torch.no_grad():
+        gathered = contextlib.nullcontext()
+        if self._zero_stage_3():  # write the rows into the full matrix, then re-shard it (rank 0's values win)
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+        with gathered, torch.no_grad():
             rows = mlp_projection(dims)(books.reshape(-1, dim))
             old = weight[: min(self.code_token_ids)].float()  # the original vocabulary
             rows = (rows - rows.mean()) / rows.std().clamp_min(1e-8) * old.std() + old.mean(0)
@@ -191,6 +208,11 @@ class GenerativeRecommender(L.LightningModule):
         if self.dataset_fingerprint is None:
             raise RuntimeError("configure_model() before setup(): the item index is unknown")
         hp = self.hparams
+        if hp.code_softmax == "trie" and self._zero_stage_3():
+            raise ValueError(
+                "code_softmax: trie reads the code-token rows of the LM head directly, which DeepSpeed ZeRO-3 keeps "
+                "sharded outside module calls; use code_softmax: vocabulary with ZeRO-3, or ZeRO-2 / DDP with trie"
+            )
         datamodule = self.trainer.datamodule
         index = datamodule.item_index
         tokenizer = self._load_tokenizer()
@@ -214,9 +236,10 @@ class GenerativeRecommender(L.LightningModule):
                 trainable_token_indices=rows, task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, config)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - a ZeRO-3 shard's numel() is 0
+        trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
         log.info("%s: %d trainable of %d parameters; %d code tokens added", "LoRA" if hp.lora else "full fine-tuning",
-                 trainable, sum(p.numel() for p in model.parameters()), len(vocabulary))
+                 trainable, sum(numel(p) for p in model.parameters()), len(vocabulary))
         model.train()  # from_pretrained returns eval mode, which would silence dropout (LoRA's included) in training
         self.model, self.tokenizer = model, tokenizer
         datamodule.set_tokenizer(tokenizer)
@@ -305,11 +328,19 @@ class GenerativeRecommender(L.LightningModule):
         """Beam search renormalises over the allowed codes when training did (``code_softmax: trie``)."""
         return self.hparams.code_softmax == "trie"
 
+    @staticmethod
+    def _update(metrics: TopKMetrics, ranks: torch.Tensor) -> None:
+        # Under DeepSpeed ZeRO-3 the module is never moved with .to(), so the metric states would stay on the CPU,
+        # where NCCL cannot gather them: keep them where the ranks are.
+        if metrics.device != ranks.device:
+            metrics.to(ranks.device)
+        metrics.update(ranks)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(self._beam_ranks(batch).ranks)
+        self._update(self.val_metrics, self._beam_ranks(batch).ranks)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_metrics.update(self._beam_ranks(batch).ranks)
+        self._update(self.test_metrics, self._beam_ranks(batch).ranks)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"user": batch["user"], "top_items": self._beam_ranks(batch).items}

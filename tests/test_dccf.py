@@ -116,6 +116,24 @@ def test_edge_weighted_propagation_gradients():
     torch.testing.assert_close(row_sums[:6], torch.ones(6, dtype=torch.double))
 
 
+def test_propagation_under_bf16_autocast_runs_in_fp32():
+    """bf16-mixed training: the sparse products run in fp32 (CPU CSR kernels have no bf16) and gradients keep dtypes."""
+    adjacency = normalized_adjacency(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), num_users=3, num_items=4)
+    graph = BipartiteGraph(adjacency)
+    x = torch.randn(7, 3, requires_grad=True)
+    values = torch.rand(graph.num_edges, requires_grad=True)
+    reference = graph.propagate(x, values)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = x @ torch.eye(3)  # bf16 under autocast, as a projection before propagation would be
+        out = graph.propagate(hidden, values)
+        weights = graph.similarity_weights(hidden)
+    assert hidden.dtype == torch.bfloat16 and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, atol=2e-2, rtol=2e-2)  # only the bf16 rounding of the input differs
+    (out.sum() + weights.sum()).backward()
+    assert x.grad.dtype == torch.float32 and values.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all() and torch.isfinite(values.grad).all()
+
+
 def test_negatives_never_hit_a_training_interaction(synthetic_dir):
     datamodule = _graph_module(synthetic_dir, num_negatives=8)
     catalogue, dataset = datamodule.catalogue, datamodule.datasets["train"]

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PrefixConstrainedLogitsP
 import callbacks.beam_eval as beam_eval
 from callbacks.beam_eval import BeamSearchEvaluator
 from datamodules.base import RecDataModule
-from lightning_modules.components.decoding import BeamBatchResult, beam_generation_config, generate_topk
+from lightning_modules.components.decoding import BeamBatchResult, beam_generation_config, cache_keyword, generate_topk
 from lightning_modules.components.trie import CodeCollisionError, CodeTrie, TrieLogitsProcessor, dict_trie_prefix_fn
 from lightning_modules.metrics import rank_in_list
 
@@ -322,3 +322,18 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         assert two["metrics"] == one["metrics"]  # integer count states: exactly equal, not just close
         assert len(list(ddp.glob(f"topk_{stage}.rank*.jsonl"))) == 2
         assert read_shards(ddp, stage) == read_shards(single, stage)  # every user exactly once, same lists
+
+
+def test_cache_keyword_follows_the_installed_transformers():
+    """transformers renamed ``past_key_values`` to ``cache``; a wrong name is silently swallowed by the decoder."""
+
+    class Renamed(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None):
+            return input_ids
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+            return input_ids
+
+    assert cache_keyword(Renamed()) == "cache"
+    assert cache_keyword(Older()) == "past_key_values"

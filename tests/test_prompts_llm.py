@@ -367,6 +367,12 @@ def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
     assert module.renormalize_codes
     with pytest.raises(ValueError, match="full_finetune"):
         GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, code_softmax="trie")
+    # ZeRO-3 shards the LM head outside module calls, where the trie loss reads its rows: refused up front
+    zero3 = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_softmax="trie")
+    zero3._trainer = SimpleNamespace(datamodule=dm, strategy=SimpleNamespace(zero_stage_3=True))
+    zero3.setup("fit")
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        zero3.configure_model()
 
 
 # -------------------------------------------------------------------------------------------------- CLI runs

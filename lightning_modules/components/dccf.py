@@ -33,6 +33,11 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> torch.T
     return torch.sparse_csr_tensor(crow, col, values, (size, size), check_invariants=False)
 
 
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    """Sparse kernels run in fp32: autocast would cast them to bf16, which CPU CSR kernels do not implement."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _edge_dot(crow: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``<a[h], b[t]>`` for every edge ``(h, t)`` in CSR order, as one SDDMM (no ``[E, dim]`` gathers)."""
     pattern = _csr(crow, col, a.new_zeros(col.numel()))
@@ -49,14 +54,21 @@ class _EdgeWeightedSpMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, x, crow, col, reverse):
+        # fp32 (at least) inside: under bf16 autocast x and the gradients arrive in bf16, and the sparse kernels neither mix
+        # dtypes nor all support bf16; autograd casts the returned gradients back to the inputs' dtypes
+        dtype = torch.promote_types(torch.promote_types(values.dtype, x.dtype), torch.float32)
+        values, x = values.to(dtype), x.to(dtype)
         ctx.save_for_backward(values, x, crow, col, reverse)
-        return torch.sparse.mm(_csr(crow, col, values), x)
+        with _no_autocast(x):
+            return torch.sparse.mm(_csr(crow, col, values), x)
 
     @staticmethod
     def backward(ctx, grad_out):
         values, x, crow, col, reverse = ctx.saved_tensors
-        grad_values = _edge_dot(crow, col, grad_out, x) if ctx.needs_input_grad[0] else None
-        grad_x = torch.sparse.mm(_csr(crow, col, values[reverse]), grad_out) if ctx.needs_input_grad[1] else None
+        grad_out = grad_out.to(x.dtype)
+        with _no_autocast(x):
+            grad_values = _edge_dot(crow, col, grad_out, x) if ctx.needs_input_grad[0] else None
+            grad_x = torch.sparse.mm(_csr(crow, col, values[reverse]), grad_out) if ctx.needs_input_grad[1] else None
         return grad_values, grad_x, None, None, None
 
 
@@ -65,13 +77,17 @@ class _EdgeSelfDot(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, crow, col, reverse):
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (or fp64) inside, as in _EdgeWeightedSpMM
         ctx.save_for_backward(x, crow, col, reverse)
-        return _edge_dot(crow, col, x, x)
+        with _no_autocast(x):
+            return _edge_dot(crow, col, x, x)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, crow, col, reverse = ctx.saved_tensors
-        return torch.sparse.mm(_csr(crow, col, grad_out + grad_out[reverse]), x), None, None, None
+        grad_out = grad_out.to(x.dtype)
+        with _no_autocast(x):
+            return torch.sparse.mm(_csr(crow, col, grad_out + grad_out[reverse]), x), None, None, None
 
 
 class BipartiteGraph(nn.Module):
@@ -90,7 +106,8 @@ class BipartiteGraph(nn.Module):
             raise TypeError(f"adjacency must be a sparse COO or CSR tensor, got layout {adjacency.layout}")
         num_nodes = adjacency.shape[0]
         crow, col = adjacency.crow_indices().long(), adjacency.col_indices().long()
-        head = torch.repeat_interleave(torch.arange(num_nodes), crow.diff())
+        # explicit device: Lightning's configure_model runs under a CUDA default device, the graph comes from the CPU
+        head = torch.repeat_interleave(torch.arange(num_nodes, device=crow.device), crow.diff())
         # reverse[e] = index of the edge (t, h) of edge e = (h, t): the transpose's values in CSR order
         keys = head * num_nodes + col
         order = keys.argsort()
@@ -111,7 +128,7 @@ class BipartiteGraph(nn.Module):
     def propagate(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """``A x`` with the normalised weights, or with ``values`` (one weight per edge, CSR order)."""
         values = self.norm_values if values is None else values
-        return _EdgeWeightedSpMM.apply(values.to(x.dtype), x, self.crow, self.col, self.reverse)
+        return _EdgeWeightedSpMM.apply(values, x, self.crow, self.col, self.reverse)
 
     def similarity_weights(self, x: torch.Tensor, norm: AugmentNorm = "row") -> torch.Tensor:
         """Edge weights ``(cos(x_h, x_t) + 1) / 2``, re-normalised by the weighted degree.

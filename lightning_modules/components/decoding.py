@@ -10,6 +10,7 @@ plain log-probability.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -75,6 +76,15 @@ def isolated_generation_config(model) -> Iterator[None]:
             target.generation_config = config
 
 
+def cache_keyword(module) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (before): the name the model's forward takes.
+
+    An unknown keyword is not an error everywhere: the decoder swallows it in ``**kwargs`` and silently runs
+    without the cache, while ``generate`` rejects it.
+    """
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+
+
 def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int) -> DynamicCache:
     """KV cache of every prompt but its last token, computed once per prompt and repeated for each beam.
 
@@ -85,7 +95,8 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     decoder = model.get_decoder()  # skips the LM head: no [B, P, vocab] logits
-    decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1], cache=cache, use_cache=True)
+    decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+            use_cache=True, **{cache_keyword(decoder): cache})
     cache.batch_repeat_interleave(num_beams)
     return cache
 
@@ -139,7 +150,7 @@ def generate_topk(
     with isolated_generation_config(model), torch.inference_mode():
         cache = {}
         if share_prompt and prompt_len > 1 and num_beams > 1:
-            cache["cache"] = shared_prompt_cache(model, prompts_input_ids, attention_mask, num_beams)
+            cache[cache_keyword(model.get_decoder())] = shared_prompt_cache(model, prompts_input_ids, attention_mask, num_beams)
         out = model.generate(
             input_ids=prompts_input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors, **cache
         )
