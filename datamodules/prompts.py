@@ -112,6 +112,8 @@ class PromptDataModule(RecDataModule):
             weight 1; a preset replaces ``tasks`` (set one or the other).
         eval_max_users: evaluate a fixed random subset of this many users (the same for val and test;
             for CPU runs); None evaluates every user.
+        test_all_users: test every user even when ``eval_max_users`` subsets validation (which runs each
+            epoch): test metrics then compare with baselines evaluated on all users.
         group_by_length: batch samples of similar length together (shuffled groups, see
             :class:`LengthGroupedPlan`): less padding, the same samples per epoch.
     """
@@ -135,6 +137,7 @@ class PromptDataModule(RecDataModule):
         max_length: int = 2048,
         preset: Preset | None = None,
         eval_max_users: int | None = None,
+        test_all_users: bool = False,
         group_by_length: bool = True,
     ) -> None:
         super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
@@ -152,6 +155,7 @@ class PromptDataModule(RecDataModule):
         self.negative_ratio = negative_ratio
         self.max_length = max_length
         self.eval_max_users = eval_max_users
+        self.test_all_users = test_all_users
         self.group_by_length = group_by_length
         self.item_index: ItemIndex | None = None
         self.prompts: PromptTasks | None = None
@@ -176,10 +180,10 @@ class PromptDataModule(RecDataModule):
         """Re-draw negatives, task subsets and templates for ``epoch`` (the model calls it each epoch start)."""
         self.prompts.set_epoch(epoch)
 
-    def eval_rows(self) -> np.ndarray:
-        """Users evaluated: all, or a fixed seeded subset of ``eval_max_users`` (sorted)."""
+    def eval_rows(self, stage: str = "valid") -> np.ndarray:
+        """Users evaluated at ``stage``: all, or a fixed seeded subset of ``eval_max_users`` (sorted)."""
         num_users = self.catalogue.num_users
-        if self.eval_max_users is None or self.eval_max_users >= num_users:
+        if self.eval_max_users is None or self.eval_max_users >= num_users or (stage == "test" and self.test_all_users):
             return np.arange(num_users)
         return np.sort(np.random.default_rng(self.seed).choice(num_users, self.eval_max_users, replace=False))
 
@@ -192,7 +196,7 @@ class PromptDataModule(RecDataModule):
         )
 
     def _eval_loader(self, stage: str) -> DataLoader:
-        return self._loader(_EvalPrompts(self.prompts, self.split.samples(stage), self.eval_rows()), self.eval_batch_size, shuffle=False)
+        return self._loader(_EvalPrompts(self.prompts, self.split.samples(stage), self.eval_rows(stage)), self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")

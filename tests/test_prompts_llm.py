@@ -176,6 +176,22 @@ def test_eval_batches_are_lc_rec_prompts(prompt_dm):
     assert (catalogue.lengths > 21).any()  # the 20-item cap was exercised
 
 
+def test_eval_user_subset_and_test_all_users(prompt_dm):
+    """``eval_max_users`` fixes one seeded subset for val and test; ``test_all_users`` tests everyone."""
+    num_users = prompt_dm.catalogue.num_users
+    try:
+        prompt_dm.eval_max_users = 5
+        subset = prompt_dm.eval_rows("valid")
+        assert len(subset) == 5 and np.array_equal(subset, np.unique(subset)) and np.array_equal(prompt_dm.eval_rows("test"), subset)
+        prompt_dm.test_all_users = True
+        assert np.array_equal(prompt_dm.eval_rows("valid"), subset)
+        assert np.array_equal(prompt_dm.eval_rows("test"), np.arange(num_users))
+        assert sum(len(b["user"]) for b in prompt_dm.test_dataloader()) == num_users
+        assert sorted(u for b in prompt_dm.val_dataloader() for u in b["user"].tolist()) == subset.tolist()
+    finally:
+        prompt_dm.eval_max_users, prompt_dm.test_all_users = None, False
+
+
 def test_negatives_are_never_interacted_and_redrawn_each_epoch(prompt_dm):
     catalogue, tasks = prompt_dm.catalogue, prompt_dm.prompts
     seen = np.zeros((catalogue.num_users, catalogue.num_items), dtype=bool)
