@@ -328,19 +328,11 @@ class GenerativeRecommender(L.LightningModule):
         """Beam search renormalises over the allowed codes when training did (``code_softmax: trie``)."""
         return self.hparams.code_softmax == "trie"
 
-    @staticmethod
-    def _update(metrics: TopKMetrics, ranks: torch.Tensor) -> None:
-        # Under DeepSpeed ZeRO-3 the module is never moved with .to(), so the metric states would stay on the CPU,
-        # where NCCL cannot gather them: keep them where the ranks are.
-        if metrics.device != ranks.device:
-            metrics.to(ranks.device)
-        metrics.update(ranks)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._update(self.val_metrics, self._beam_ranks(batch).ranks)
+        self.val_metrics.update(self._beam_ranks(batch).ranks)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._update(self.test_metrics, self._beam_ranks(batch).ranks)
+        self.test_metrics.update(self._beam_ranks(batch).ranks)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"user": batch["user"], "top_items": self._beam_ranks(batch).items}

@@ -62,7 +62,11 @@ class TopKMetrics(Metric):
         return max(self.hr_ks + self.ndcg_ks)
 
     def update(self, ranks: torch.Tensor) -> None:  # type: ignore[override]
-        ranks = ranks.reshape(-1).to(self.rank_counts.device)
+        if self.rank_counts.device != ranks.device:
+            # The states follow the ranks (never the reverse, a device->host copy per batch): under DeepSpeed ZeRO-3
+            # the module is never moved with .to(), and states left on the CPU cannot be gathered over NCCL.
+            self.to(ranks.device)
+        ranks = ranks.reshape(-1)
         self.rank_counts += torch.bincount(ranks[ranks < self.max_k], minlength=self.max_k)
         self.count += ranks.numel()
 
