@@ -40,6 +40,7 @@ class TopKWriter(BasePredictionWriter):
 
         def write(handle) -> None:
             for user, items in zip(users, top_items):
-                handle.write(json.dumps({"user": int(user_ids[user]), "items": items}) + "\n")
+                # -1 pads a list whose seen items were dropped (a generative model's `mask_history`)
+                handle.write(json.dumps({"user": int(user_ids[user]), "items": [item for item in items if item >= 0]}) + "\n")
 
         atomic_write(path, write)

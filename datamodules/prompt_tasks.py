@@ -20,6 +20,7 @@ import torch
 
 from datamodules.catalogue import Catalogue
 from datamodules.item_index import ItemIndex
+from datamodules.packing import collate_packs, pack_tree
 from datamodules.prompt_templates import HISTORY_SEPARATOR, NEGATIVE, QUERY, SEQUENTIAL, TEXT_KINDS, clean_text, eval_prompt, frame
 from datamodules.split import LeaveLastOutSplit, SampleIndex
 
@@ -115,14 +116,23 @@ class PromptTasks:
         negative_ratio: negatives per sequential sample (0 = no negative task, the paper's "w/o NS").
         max_length: training sequences longer than this (prompt + response + EOS) are dropped and counted.
         seed: base seed; epoch ``e`` draws from ``default_rng((seed, e))``.
+        pack: 0 keeps one sample per row; ``n >= 1`` makes the training unit a *pack*
+            (:mod:`datamodules.packing`): up to ``n`` consecutive training prefixes of one user with their
+            negatives share one row as a prefix tree (the history once; ``1`` = a sequential sample and its
+            negatives); text and query samples are packs of one. A pack draws one template for all its samples
+            (negatives take the sequential template's negative twin when it has one, so each wording's marginal
+            stays uniform), so they share the prompt up to the question. The loss of every sample is unchanged.
     """
 
     def __init__(self, catalogue: Catalogue, split: LeaveLastOutSplit, item_index: ItemIndex, weights: TaskWeights,
-                 negative_ratio: int, max_length: int, seed: int) -> None:
+                 negative_ratio: int, max_length: int, seed: int, pack: int = 0) -> None:
         if negative_ratio < 0:
             raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
         self.catalogue, self.split, self.item_index = catalogue, split, item_index
         self.weights, self.negative_ratio, self.max_length, self.seed = weights, negative_ratio, max_length, seed
+        if pack < 0:
+            raise ValueError(f"pack must be >= 0 (0 = no packing), got {pack}")
+        self.pack = pack
         self.code_text = ["".join(tokens) for tokens in item_index.tokens()]
         self.train_targets = catalogue.items[split.train.target_pos]
         self.keys = interaction_keys(catalogue)
@@ -196,15 +206,54 @@ class PromptTasks:
         self.item = np.concatenate([items for _, _, items in parts])
         self.template = rng.integers(0, TEMPLATE_DRAW, len(self.task))
         self.counts = {TASKS[task]: len(rows) for task, rows, _ in parts}
+        if self.pack:
+            self._plan_packs(rng)
         if self.epoch < 0:
             log.info("alignment tasks per epoch: %s (negative ratio 1:%d)", self.counts, self.negative_ratio)
         self.epoch = epoch
 
+    def _plan_packs(self, rng: np.random.Generator) -> None:
+        """Group the plan into packs (``self.pack`` training prefixes of one user each) and align templates."""
+        behaviour = np.flatnonzero(self.task <= NEGATIVE_TASK)
+        source = self.source[behaviour]
+        user = self.split.train.user[source]
+        behaviour = behaviour[np.lexsort((self.task[behaviour], source, user))]
+        source, user = self.source[behaviour], self.split.train.user[self.source[behaviour]]
+        new_user = np.r_[True, user[1:] != user[:-1]] if len(behaviour) else np.zeros(0, dtype=bool)
+        new_source = np.r_[True, source[1:] != source[:-1]] if len(behaviour) else np.zeros(0, dtype=bool)
+        # prefixes counted within each user; a pack starts at a user's first prefix and every `pack` prefixes
+        prefix = np.cumsum(new_source) - 1
+        prefix_in_user = prefix - np.maximum.accumulate(np.where(new_user, prefix, 0))
+        starts = np.flatnonzero(new_user | (new_source & (prefix_in_user % self.pack == 0)))
+        others = np.flatnonzero(self.task > NEGATIVE_TASK)
+        self.pack_rows = np.concatenate([behaviour, others])
+        self.pack_offsets = np.r_[starts, len(behaviour) + np.arange(len(others) + 1)].astype(np.int64)
+        prefixes = np.add.reduceat(new_source.astype(np.int64), starts) if len(starts) else starts
+        self.pack_prefixes = np.r_[prefixes, np.ones(len(others), dtype=np.int64)]
+        # one draw per pack: the sequential template t % 4; negatives take NEGATIVE[t % 4], the same wording up
+        # to the question, when it exists (t % 4 < 3) and else a uniform one, so P(NEGATIVE[k]) = 1/4 + 1/12 = 1/3
+        pack_of_row = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(behaviour)]))
+        draw, fallback = rng.integers(0, TEMPLATE_DRAW, len(starts)), rng.integers(0, len(NEGATIVE), len(starts))
+        sequential_template = draw % len(SEQUENTIAL)
+        negative_template = np.where(sequential_template < len(NEGATIVE), sequential_template, fallback)
+        is_negative = self.task[behaviour] == NEGATIVE_TASK
+        self.template[behaviour] = np.where(is_negative, negative_template[pack_of_row], draw[pack_of_row])
+
     def __len__(self) -> int:
-        return len(self.task)
+        """Training units of the epoch: samples, or packs when packing."""
+        return len(self.pack_offsets) - 1 if self.pack else len(self.task)
+
+    def unit_rows(self, units: np.ndarray) -> list[np.ndarray]:
+        """The plan rows of each training unit."""
+        if not self.pack:
+            return [np.array([unit]) for unit in units]
+        return [self.pack_rows[self.pack_offsets[unit] : self.pack_offsets[unit + 1]] for unit in units]
 
     def approx_lengths(self) -> np.ndarray:
-        """Rough token counts of the epoch's samples, for length-grouped batching (no tokenizing).
+        """Rough token counts of the epoch's units, for length-grouped batching (no tokenizing).
+
+        A pack counts as its longest sample, a response-sized branch per further sample and a question-sized
+        branch (~30 tokens: the wording after the history) per further prefix.
 
         Behaviour samples: history items x (code tokens + separator); text and query samples: characters / 4
         (about a Llama-2 token). Only the order of the lengths matters.
@@ -222,7 +271,11 @@ class PromptTasks:
         for task, per_source in enumerate(self._source_lengths):
             rows = self.task == task
             lengths[rows] = per_source[self.source[rows]]
-        return lengths
+        if not self.pack or len(self) == 0:
+            return lengths if not self.pack else lengths[:0]
+        starts, sizes = self.pack_offsets[:-1], np.diff(self.pack_offsets)
+        return (np.maximum.reduceat(lengths[self.pack_rows], starts) + (sizes - 1) * (self.item_index.tokens_per_item + 2)
+                + (self.pack_prefixes - 1) * 30)
 
     # ------------------------------------------------------------------------------------- rendering
     def history_text(self, history: np.ndarray) -> str:
@@ -267,8 +320,14 @@ class PromptTasks:
             raise RuntimeError("no tokenizer yet: the model hands it over with datamodule.set_tokenizer() in configure_model()")
         return self.tokenizer
 
-    def train_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``/``attention_mask``/``labels`` (-100 off the response), ``task`` and ``dropped``."""
+    def train_batch(self, units: np.ndarray) -> dict[str, torch.Tensor]:
+        """The training batch of ``units`` (plan rows, or packs when packing); see :meth:`sample_batch`."""
+        if not self.pack:
+            return self.sample_batch(units)
+        return self.packed_batch(self.unit_rows(units))
+
+    def _tokenized(self, rows: np.ndarray) -> tuple[list[list[int]], list[list[int]], np.ndarray, np.ndarray]:
+        """Prompt ids, response ids + EOS, the rows' tasks and which rows fit ``max_length``."""
         tokenizer = self._tokenizer()
         prompts, responses = self.render(rows)
         prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
@@ -277,25 +336,45 @@ class PromptTasks:
         response_ids = [None if isinstance(r, str) else self.code_ids[r].tolist() for r in responses]
         for i, ids in zip(text_rows, text_ids):
             response_ids[i] = ids
-        eos = [tokenizer.eos_token_id]
-        lengths = np.array([len(p) + len(r) + 1 for p, r in zip(prompt_ids, response_ids)])
-        keep = np.flatnonzero(lengths <= self.max_length)
-        tasks = self.task[rows]
-        dropped = np.bincount(tasks[lengths > self.max_length], minlength=len(TASKS))
+        response_ids = [ids + [tokenizer.eos_token_id] for ids in response_ids]
+        fits = np.array([len(p) + len(r) <= self.max_length for p, r in zip(prompt_ids, response_ids)], dtype=bool)
+        return prompt_ids, response_ids, self.task[rows], fits
+
+    def sample_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``/``attention_mask``/``labels`` (-100 off the response), ``task`` and ``dropped``."""
+        prompt_ids, response_ids, tasks, fits = self._tokenized(rows)
+        keep = np.flatnonzero(fits)
+        lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)], dtype=np.int64)
         width = int(lengths[keep].max()) if len(keep) else 0
-        input_ids = torch.full((len(keep), width), tokenizer.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(keep), width), self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(keep), width), -100, dtype=torch.long)
         attention = torch.zeros((len(keep), width), dtype=torch.long)
         for out, i in enumerate(keep):
-            prompt, response = prompt_ids[i], response_ids[i] + eos
+            prompt, response = prompt_ids[i], response_ids[i]
             input_ids[out, : lengths[i]] = torch.tensor(prompt + response)
             labels[out, len(prompt) : lengths[i]] = torch.tensor(response)
             attention[out, : lengths[i]] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                "task": torch.from_numpy(tasks[keep]), "dropped": torch.from_numpy(dropped)}
+                "task": torch.from_numpy(tasks[keep]), "dropped": torch.from_numpy(np.bincount(tasks[~fits], minlength=len(TASKS)))}
+
+    def packed_batch(self, packs: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Packs of plan rows as prefix-tree rows: ``input_ids``/``position_ids``/``labels [B, T]``, a boolean
+        ``attention_mask [B, 1, T, T]``, ``task`` of the kept samples and ``dropped`` (see :mod:`datamodules.packing`)."""
+        rows = np.concatenate(packs) if packs else np.zeros(0, dtype=np.int64)
+        prompt_ids, response_ids, tasks, fits = self._tokenized(rows)
+        bounds = np.cumsum([0] + [len(pack) for pack in packs])
+        trees = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            kept = [i for i in range(start, stop) if fits[i]]
+            if kept:
+                trees.append(pack_tree([prompt_ids[i] for i in kept], [response_ids[i] for i in kept]))
+        batch = collate_packs(trees, self.tokenizer.pad_token_id)
+        batch.update(task=torch.from_numpy(tasks[fits]), dropped=torch.from_numpy(np.bincount(tasks[~fits], minlength=len(TASKS))))
+        return batch
 
     def eval_batch(self, index: SampleIndex, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Left-padded LC-Rec evaluation prompts with ``target_item`` and ``user`` (history = capped prefix)."""
+        """Left-padded LC-Rec evaluation prompts with ``target_item``, ``user`` (history = capped prefix) and the
+        (row, item) pairs ``seen_rows``/``seen_items`` of the user's whole history before the target."""
         tokenizer = self._tokenizer()
         histories = self.split.histories(index, rows)
         prompt_ids = tokenizer([eval_prompt(self.history_text(row)) for row in histories], add_special_tokens=True)["input_ids"]
@@ -305,5 +384,7 @@ class PromptTasks:
         for out, ids in enumerate(prompt_ids):
             input_ids[out, width - len(ids) :] = torch.tensor(ids)
             attention[out, width - len(ids) :] = 1
+        seen_rows, seen_items = self.split.seen_items(index, rows)  # the whole history, for `mask_history`
         return {"input_ids": input_ids, "attention_mask": attention,
-                "target_item": torch.from_numpy(self.catalogue.items[index.target_pos[rows]]), "user": torch.from_numpy(index.user[rows])}
+                "target_item": torch.from_numpy(self.catalogue.items[index.target_pos[rows]]), "user": torch.from_numpy(index.user[rows]),
+                "seen_rows": torch.from_numpy(seen_rows), "seen_items": torch.from_numpy(seen_items)}

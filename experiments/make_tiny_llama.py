@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 
-def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int, layers: int, heads: int, seed: int) -> Path:
+def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int, layers: int, heads: int, seed: int, intermediate: int | None = None) -> Path:
     """Save a seeded ``LlamaForCausalLM`` (vocabulary = the tokenizer's) and the tokenizer into ``out``."""
     if (out / "config.json").is_file():
         print(f"{out} exists; delete it to rebuild")
@@ -26,7 +26,7 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int, layers: int, he
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3 + 0.5),
+        intermediate_size=intermediate or int(hidden * 8 / 3 + 0.5),
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
@@ -49,9 +49,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 8/3 x hidden, Llama's ratio)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    make_tiny_llama(args.out, args.tokenizer, args.hidden, args.layers, args.heads, args.seed)
+    make_tiny_llama(args.out, args.tokenizer, args.hidden, args.layers, args.heads, args.seed, args.intermediate)
 
 
 if __name__ == "__main__":

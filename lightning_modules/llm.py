@@ -82,6 +82,9 @@ class GenerativeRecommender(L.LightningModule):
         code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary) or ``trie``
             (code targets scored against the trie's continuations of their prefix, beam scores renormalised over
             the allowed tokens; needs ``full_finetune``, since LoRA keeps the new LM-head rows inside peft's wrapper).
+        mask_history: drop items the user already interacted with from the decoded list before ranking, the
+            policy of this repository's ID baselines (their ``mask_history``); the default ranks them, as LC-Rec
+            does. Seen items leave the ``eval_top_k`` list (padded with -1), so keep ``eval_top_k`` above 10.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class GenerativeRecommender(L.LightningModule):
         num_beams: int = 20,
         eval_top_k: int = 20,
         code_softmax: Literal["vocabulary", "trie"] = "vocabulary",
+        mask_history: bool = False,
     ) -> None:
         super().__init__()
         if (model_path is None) == (llama_config is None):
@@ -262,13 +266,29 @@ class GenerativeRecommender(L.LightningModule):
     def response_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over supervised tokens, with the LM head applied to those positions only."""
         lm = self.causal_lm()
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        mask = batch["attention_mask"]
+        if mask.ndim == 4:  # packed prefix trees (datamodules.packing): a boolean ancestor mask
+            mask = self._tree_mask(lm, mask)
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
+                                  use_cache=False).last_hidden_state
         targets = batch["labels"][:, 1:]
         supervised = targets != -100
         if self.hparams.code_softmax == "trie":
             return self._trie_loss(lm, hidden[:, :-1], targets, supervised)
         logits = lm.get_output_embeddings()(hidden[:, :-1][supervised])
         return F.cross_entropy(logits.float(), targets[supervised])
+
+    @staticmethod
+    def _tree_mask(lm: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+        """A packed batch's boolean ``[B, 1, T, T]`` mask in the form the attention implementation takes as-is."""
+        implementation = getattr(lm.config, "_attn_implementation", "sdpa")
+        if implementation == "sdpa":
+            return mask  # SDPA reads True as "attend"
+        if implementation == "eager":
+            dtype = lm.get_input_embeddings().weight.dtype
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        raise ValueError(f"pack_prompts needs an attention implementation that takes a 4-D mask (sdpa or eager); the model "
+                         f"uses {implementation!r}: set pack_prompts: 0 or attn_implementation: sdpa")
 
     def _trie_loss(self, lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with each code target scored among the trie's continuations of its prefix.
@@ -321,7 +341,8 @@ class GenerativeRecommender(L.LightningModule):
             raise RuntimeError("beam-search evaluation needs lightning_modules/components/trie.py and decoding.py")
         from lightning_modules.components.decoding import beam_eval_batch
 
-        return beam_eval_batch(self, batch, num_beams=self.hparams.num_beams, top_k=self.hparams.eval_top_k)
+        return beam_eval_batch(self, batch, num_beams=self.hparams.num_beams, top_k=self.hparams.eval_top_k,
+                               mask_history=self.hparams.get("mask_history", False))
 
     @property
     def renormalize_codes(self) -> bool:

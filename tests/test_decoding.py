@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PrefixConstrainedLogitsP
 import callbacks.beam_eval as beam_eval
 from callbacks.beam_eval import BeamSearchEvaluator
 from datamodules.base import RecDataModule
-from lightning_modules.components.decoding import BeamBatchResult, beam_generation_config, cache_keyword, generate_topk
+from lightning_modules.components.decoding import BeamBatchResult, beam_generation_config, cache_keyword, drop_seen, generate_topk
 from lightning_modules.components.trie import CodeCollisionError, CodeTrie, TrieLogitsProcessor, dict_trie_prefix_fn
 from lightning_modules.metrics import rank_in_list
 
@@ -278,7 +278,7 @@ def fit(root: Path, **trainer_args) -> None:
 def test_callback_metrics_on_a_hand_made_case(tmp_path, monkeypatch):
     ranking = {0: 0, 1: 3, 2: 7}  # user row -> rank of the target; every other user misses
 
-    def fake(module, batch, num_beams, top_k):
+    def fake(module, batch, num_beams, top_k, mask_history=False):
         items = torch.arange(100, 100 + top_k).repeat(len(batch["user"]), 1)
         for i, user in enumerate(batch["user"].tolist()):
             if user in ranking:
@@ -337,3 +337,15 @@ def test_cache_keyword_follows_the_installed_transformers():
 
     assert cache_keyword(Renamed()) == "cache"
     assert cache_keyword(Older()) == "past_key_values"
+
+
+def test_drop_seen_moves_history_items_out_as_misses():
+    """``mask_history``: seen items leave the list, the rest keep the beam order, and a seen target is a miss."""
+    items = torch.tensor([[5, 3, 9, 1], [2, 7, 4, 8]])
+    scores = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -1.5, -2.5, -3.5]])
+    kept, kept_scores = drop_seen(items, scores, torch.tensor([0, 0, 1, 1]), torch.tensor([3, 1, 8, 6]))
+    assert kept.tolist() == [[5, 9, -1, -1], [2, 7, 4, -1]]
+    assert kept_scores[0, :2].tolist() == [-1.0, -3.0] and torch.isinf(kept_scores[0, 2:]).all()
+    assert rank_in_list(kept, torch.tensor([9, 8])).tolist() == [1, 4]  # row 1's target was seen: a miss
+    nothing_seen = drop_seen(items, scores, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert torch.equal(nothing_seen[0], items) and torch.equal(nothing_seen[1], scores)

@@ -188,8 +188,22 @@ class BeamBatchResult:
     ranks: torch.Tensor
 
 
+def drop_seen(items: torch.Tensor, scores: torch.Tensor, seen_rows: torch.Tensor, seen_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move returned items the user already interacted with to the end of their row as misses (item -1, score -inf).
+
+    ``seen_rows``/``seen_items``: (row, item) pairs of each user's history, as the ID baselines mask them.
+    The remaining items keep their order, so the ranking is the beam ranking restricted to unseen items.
+    """
+    match = items[seen_rows] == seen_items[:, None]  # [pairs, K]
+    seen = torch.zeros(items.shape, dtype=torch.int32, device=items.device).index_add_(0, seen_rows, match.int()) > 0
+    order = torch.sort(seen.int(), dim=1, stable=True).indices
+    moved = seen.gather(1, order)
+    return items.gather(1, order).masked_fill(moved, -1), scores.gather(1, order).masked_fill(moved, float("-inf"))
+
+
 def beam_eval_batch(
-    module, batch: dict[str, torch.Tensor], num_beams: int = 20, top_k: int = 20, renormalize: bool | None = None
+    module, batch: dict[str, torch.Tensor], num_beams: int = 20, top_k: int = 20, renormalize: bool | None = None,
+    mask_history: bool = False,
 ) -> BeamBatchResult:
     """Beam-search one eval batch of a module exposing ``.model``, ``.tokenizer`` and ``.code_trie``.
 
@@ -205,6 +219,7 @@ def beam_eval_batch(
         top_k: items kept per user (``num_return_sequences``).
         renormalize: renormalise step scores over the allowed tokens; ``None`` takes the module's
             ``renormalize_codes`` (true for models trained with ``code_softmax: trie``).
+        mask_history: drop items in the batch's ``seen_rows``/``seen_items`` from the lists (:func:`drop_seen`).
     """
     if renormalize is None:
         renormalize = bool(getattr(module, "renormalize_codes", False))
@@ -215,4 +230,6 @@ def beam_eval_batch(
         module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], module.code_trie, num_beams, top_k,
         renormalize=renormalize,
     )
+    if mask_history:
+        items, scores = drop_seen(items, scores, batch["seen_rows"].to(device), batch["seen_items"].to(device))
     return BeamBatchResult(items, scores, rank_in_list(items, batch["target_item"].to(device)))
