@@ -57,8 +57,7 @@ def evaluate_loader(
     scores: list[list[float]] = []
     for batch in loader:
         batch = _to_device(batch, device)
-        result = beam_eval_batch(module, batch, num_beams=num_beams, top_k=top_k,
-                                 mask_history=bool(getattr(module, "hparams", {}).get("mask_history", False)))
+        result = beam_eval_batch(module, batch, num_beams=num_beams, top_k=top_k)  # the module's mask_history
         metric.update(result.ranks)
         # One host copy per batch (after generation has already synchronised), not per step.
         for user, row_items, row_scores in zip(batch["user"].tolist(), result.items.tolist(), result.scores.tolist()):

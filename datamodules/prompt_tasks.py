@@ -271,8 +271,10 @@ class PromptTasks:
         for task, per_source in enumerate(self._source_lengths):
             rows = self.task == task
             lengths[rows] = per_source[self.source[rows]]
-        if not self.pack or len(self) == 0:
-            return lengths if not self.pack else lengths[:0]
+        if not self.pack:
+            return lengths
+        if len(self) == 0:
+            return lengths[:0]
         starts, sizes = self.pack_offsets[:-1], np.diff(self.pack_offsets)
         return (np.maximum.reduceat(lengths[self.pack_rows], starts) + (sizes - 1) * (self.item_index.tokens_per_item + 2)
                 + (self.pack_prefixes - 1) * 30)

@@ -13,7 +13,8 @@ Batch formats::
 
     train: input_ids [B, T] (right-padded), attention_mask, labels (-100 except response + EOS), task [B], dropped [4]
     train, packed: input_ids/position_ids/labels [B, T] (B packs), attention_mask [B, 1, T, T] bool, task [N], dropped [4]
-    val/test: input_ids [B, T] (left-padded LC-Rec prompt), attention_mask, target_item [B], user [B]
+    val/test: input_ids [B, T] (left-padded LC-Rec prompt), attention_mask, target_item [B], user [B],
+              seen_rows/seen_items [P] (the user's whole history before the target, for ``mask_history``)
 
 Validation predicts ``items[-2]`` from ``items[:-2][-20:]``, test ``items[-1]`` from ``items[:-1][-20:]``.
 The DataModule has no tokenizer of its own: the model hands over its tokenizer (with the code tokens and a pad

@@ -124,6 +124,7 @@ class GenerativeRecommender(L.LightningModule):
                              "trainable-token wrapper. Use full_finetune: true, or code_softmax: vocabulary.")
         self.save_hyperparameters()
         self.lora_target_modules = lora_target_modules or list(DEFAULT_LORA_TARGETS)
+        self.mask_history = mask_history  # read by beam_eval_batch, like the ID baselines' attribute
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.code_trie = None
@@ -341,8 +342,7 @@ class GenerativeRecommender(L.LightningModule):
             raise RuntimeError("beam-search evaluation needs lightning_modules/components/trie.py and decoding.py")
         from lightning_modules.components.decoding import beam_eval_batch
 
-        return beam_eval_batch(self, batch, num_beams=self.hparams.num_beams, top_k=self.hparams.eval_top_k,
-                               mask_history=self.hparams.get("mask_history", False))
+        return beam_eval_batch(self, batch, num_beams=self.hparams.num_beams, top_k=self.hparams.eval_top_k)
 
     @property
     def renormalize_codes(self) -> bool:

@@ -203,7 +203,7 @@ def drop_seen(items: torch.Tensor, scores: torch.Tensor, seen_rows: torch.Tensor
 
 def beam_eval_batch(
     module, batch: dict[str, torch.Tensor], num_beams: int = 20, top_k: int = 20, renormalize: bool | None = None,
-    mask_history: bool = False,
+    mask_history: bool | None = None,
 ) -> BeamBatchResult:
     """Beam-search one eval batch of a module exposing ``.model``, ``.tokenizer`` and ``.code_trie``.
 
@@ -219,10 +219,13 @@ def beam_eval_batch(
         top_k: items kept per user (``num_return_sequences``).
         renormalize: renormalise step scores over the allowed tokens; ``None`` takes the module's
             ``renormalize_codes`` (true for models trained with ``code_softmax: trie``).
-        mask_history: drop items in the batch's ``seen_rows``/``seen_items`` from the lists (:func:`drop_seen`).
+        mask_history: drop items in the batch's ``seen_rows``/``seen_items`` from the lists (:func:`drop_seen`);
+            ``None`` takes the module's ``mask_history`` (false when it has none).
     """
     if renormalize is None:
         renormalize = bool(getattr(module, "renormalize_codes", False))
+    if mask_history is None:
+        mask_history = bool(getattr(module, "mask_history", False))
     device = batch["input_ids"].device
     if module.code_trie.device != device:
         module.code_trie.to(device)
