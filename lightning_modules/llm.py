@@ -211,7 +211,9 @@ class GenerativeRecommender(L.LightningModule):
         if self.model is not None:
             return
         if self.dataset_fingerprint is None:
-            raise RuntimeError("configure_model() before setup(): the item index is unknown")
+            # Lightning's WeightAveraging/EMAWeightAveraging callbacks call configure_model() from their own
+            # setup(), which runs before the module's: read the datamodule's index here as setup() would.
+            self.setup("fit")
         hp = self.hparams
         if hp.code_softmax == "trie" and self._zero_stage_3():
             raise ValueError(

@@ -431,6 +431,22 @@ def test_fit_and_test_on_a_stage2_export(synthetic_dir, tmp_path):
     assert tokenizer.pad_token == "<pad>" and tokenizer.convert_tokens_to_ids("<c_7>") < model.get_input_embeddings().weight.shape[0]
 
 
+def test_ema_weight_averaging_builds_the_model_before_setup(synthetic_dir, tmp_path):
+    """Lightning's EMAWeightAveraging calls configure_model() in its setup(), before the module's: it must work, and
+    the checkpoint keeps the averaged weights (what validation and test see) next to the live ones."""
+    index = write_index(tmp_path / "index.json", synthetic_codes())
+    root, export = tmp_path / "run", tmp_path / "llm"
+    ema = "    - {class_path: lightning.pytorch.callbacks.EMAWeightAveraging, init_args: {decay: 0.5, use_buffers: false}}\n"
+    main(["fit", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, root, "--config", str(_callbacks(tmp_path, export, ema)),
+                                "--data.init_args.index", str(index), "--data.init_args.eval_max_users=4",
+                                "--trainer.max_epochs=1", "--trainer.limit_train_batches=4")])
+    checkpoint = torch.load(next((root / "csv" / "version_0" / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
+    averaged, live = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert averaged.keys() == live.keys() and checkpoint["dataset_fingerprint"]["num_items"] == 120
+    assert not torch.equal(averaged["model.model.layers.0.mlp.up_proj.weight"], live["model.model.layers.0.mlp.up_proj.weight"])
+    assert (root / "csv" / "version_0" / "test_metrics.json").is_file()
+
+
 def test_lora_trains_only_adapters_and_code_rows(synthetic_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
