@@ -8,8 +8,10 @@ tests the best checkpoint when training ends, so one command trains, evaluates a
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
 import sys
 
 import lightning as L
@@ -18,6 +20,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 PROJECT_LOGGERS = ("datamodules", "lightning_modules", "callbacks")
+log = logging.getLogger(__name__)
+_MODEL_FLAG = re.compile(r"--model\.(?:init_args\.)?([A-Za-z_]\w*)")
 
 
 def _configure_logging() -> None:
@@ -31,7 +35,26 @@ def _configure_logging() -> None:
 
 
 class SemConvCLI(LightningCLI):
-    """LightningCLI with a ``test_after_fit`` switch."""
+    """LightningCLI with a ``test_after_fit`` switch; command-line model flags win over ``--ckpt_path`` hparams."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self._command_line = [] if isinstance(args, dict) else list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model arguments with the checkpoint's hyperparameters, silently dropping e.g.
+        ``lightning test --ckpt_path ... --model.init_args.mask_history true``: re-apply such explicit flags."""
+        subcommand = self.config.get("subcommand")
+        given = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
+        super()._parse_ckpt_path()
+        if given is None or given.get("init_args") is None:
+            return
+        model = self.config[subcommand]["model"]
+        for key in sorted({match.group(1) for arg in self._command_line if (match := _MODEL_FLAG.match(arg))}):
+            if key in given.init_args and model.init_args.get(key) != given.init_args[key]:
+                log.warning("--model.init_args.%s=%r from the command line replaces the checkpoint's %r",
+                            key, given.init_args[key], model.init_args.get(key))
+                model.init_args[key] = given.init_args[key]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

@@ -87,6 +87,20 @@ def test_checkpoint_for_another_dataset_is_refused(synthetic_dir, tmp_path):
         main(["test", *tiny_run_args("synthetic/sasrec.yaml", other, tmp_path / "other_run"), "--ckpt_path", str(checkpoint)])
 
 
+def test_command_line_model_flags_win_over_checkpoint_hparams(synthetic_dir, tmp_path, caplog):
+    """Lightning loads --ckpt_path's hyperparameters over the config; an explicit flag must still apply."""
+    root = tmp_path / "run"
+    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false",
+                                "--trainer.limit_train_batches=2")])
+    checkpoint = str(next((root / "csv" / "version_0" / "checkpoints").glob("epoch=*.ckpt")))
+    args = [*tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "test"), "--ckpt_path", checkpoint, "--trainer.limit_test_batches=1"]
+    assert build_cli(["test", *args]).model.mask_history  # the checkpoint's value (trained with the default)
+    with caplog.at_level("WARNING", logger="lightning_modules.cli"):
+        cli = build_cli(["test", *args, "--model.init_args.mask_history=false", "--model.init_args.top_k", "10"])
+    assert cli.model.mask_history is False and cli.model.hparams.top_k == 10
+    assert "mask_history=False from the command line replaces the checkpoint's True" in caplog.text
+
+
 def test_console_scripts_are_installed():
     from importlib.metadata import entry_points
 
