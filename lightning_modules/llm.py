@@ -138,6 +138,9 @@ class GenerativeRecommender(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- building
     def setup(self, stage: str) -> None:
+        self._read_dataset_fingerprint()
+
+    def _read_dataset_fingerprint(self) -> None:
         datamodule = self.trainer.datamodule
         if getattr(datamodule, "item_index", None) is None or not hasattr(datamodule, "set_tokenizer"):
             raise RuntimeError(f"{type(self).__name__} needs a datamodule with an item index and set_tokenizer() (datamodules.PromptDataModule)")
@@ -212,8 +215,8 @@ class GenerativeRecommender(L.LightningModule):
             return
         if self.dataset_fingerprint is None:
             # Lightning's WeightAveraging/EMAWeightAveraging callbacks call configure_model() from their own
-            # setup(), which runs before the module's: read the datamodule's index here as setup() would.
-            self.setup("fit")
+            # setup(), which runs before the module's: read the datamodule's index here.
+            self._read_dataset_fingerprint()
         hp = self.hparams
         if hp.code_softmax == "trie" and self._zero_stage_3():
             raise ValueError(
