@@ -5,7 +5,9 @@ Measures, side by side in one run (the modes are interleaved batch by batch, so 
 (a) end-to-end generation time, constrained (our :class:`TrieLogitsProcessor`) / unconstrained (target <= 1.10);
 (b) time inside our processor / time inside transformers' ``PrefixConstrainedLogitsProcessor`` driven by the
     LC-Rec-style dict trie (target <= 0.25), timed around each processor's ``__call__``;
-(c) evaluation throughput (users/s) at the chosen batch size vs batch 1.
+(c) evaluation throughput (users/s) at the chosen batch size vs batch 1;
+(d) time per call of our processor with each user's history excluded inside the search (``mask_history``) / without,
+    on the first ``--masked-histories`` users, and how many returned items were seen ones (must be 0).
 
 Model: a randomly initialised 4-layer, 512-hidden Llama with the Llama-2 vocabulary plus the 4x256 code tokens.
 Prompts: LC-Rec's sequential-recommendation prompt over each user's last 20 items before the test target.
@@ -66,14 +68,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_histories(data_dir: Path, index: dict[str, list[str]], count: int, max_history: int = 20) -> list[str]:
-    """Prompts of the first ``count`` users (by user index): their last ``max_history`` items before the test item."""
+def load_histories(data_dir: Path, index: dict[str, list[str]], count: int, max_history: int = 20) -> tuple[list[str], list[list[int]]]:
+    """Prompts of the first ``count`` users (by user index): their last ``max_history`` items before the test item,
+    and each user's whole history before it (what ``mask_history`` excludes)."""
     inter = json.loads((data_dir / "Games.inter.json").read_text())
-    prompts = []
+    prompts, seen = [], []
     for user in sorted(inter, key=int)[:count]:
         history = inter[user][:-1][-max_history:]
         prompts.append(PROMPT.format(history=", ".join("".join(index[str(item)]) for item in history)))
-    return prompts
+        seen.append([int(item) for item in inter[user][:-1]])
+    return prompts, seen
 
 
 def build(args: argparse.Namespace):
@@ -99,8 +103,8 @@ def build(args: argparse.Namespace):
     )
     device = torch.device(args.device)
     model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, args.dtype)).eval()
-    prompts = load_histories(SHARED / "data" / "Games", index, args.num_histories)
-    return tokenizer, trie.to(device), model, prompts, [tuple(row) for row in _trie_codes(index, tokenizer, trie)]
+    prompts, seen = load_histories(SHARED / "data" / "Games", index, args.num_histories)
+    return tokenizer, trie.to(device), model, prompts, seen, [tuple(row) for row in _trie_codes(index, tokenizer, trie)]
 
 
 def _trie_codes(index, tokenizer, trie: CodeTrie) -> list[list[int]]:
@@ -112,7 +116,7 @@ def _trie_codes(index, tokenizer, trie: CodeTrie) -> list[list[int]]:
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer, trie, model, prompts, codes = build(args)
+    tokenizer, trie, model, prompts, seen, codes = build(args)
     device = next(model.parameters()).device
     bs, beams = args.batch_size, args.num_beams
     batches = [tokenizer(prompts[i : i + bs], return_tensors="pt", padding=True).to(device) for i in range(0, len(prompts), bs)]
@@ -128,6 +132,16 @@ def run(args: argparse.Namespace) -> None:
         processor = TrieLogitsProcessor(trie, batch["input_ids"].shape[1])
         return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
                              processor=Timed(processor, clock, "ours") if timed else processor, share_prompt=share)
+
+    def ours_masked(batch, start: int):
+        """``mask_history``: the users' histories excluded inside the search (timed processor)."""
+        users = seen[start : start + batch["input_ids"].shape[0]]
+        rows = torch.tensor([row for row, items in enumerate(users) for _ in items], device=device)
+        items = torch.tensor([item for items in users for item in items], device=device)
+        processor = TrieLogitsProcessor(trie, batch["input_ids"].shape[1], blocked=trie.blocked_nodes(rows, items, len(users)))
+        out, _ = generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
+                               processor=Timed(processor, clock, "masked"), share_prompt=share)
+        return sum(int(item) in set(users[row]) for row in range(len(users)) for item in out[row].tolist())
 
     def dict_trie(batch):
         plen = batch["input_ids"].shape[1]
@@ -159,6 +173,8 @@ def run(args: argparse.Namespace) -> None:
         same += int((items == reference).all(dim=1).sum())
         valid += int((items >= 0).sum())
         total += items.numel()
+    seen_returned = sum(ours_masked(batch, n * bs) for n, batch in enumerate(batches[: max(1, args.masked_histories // bs)]))
+    clock["seen_returned"] = seen_returned
     single = prompts[: args.batch1_histories or len(prompts)]
     for prompt in single:
         encoded = tokenizer([prompt], return_tensors="pt").to(device)
@@ -180,6 +196,8 @@ def report(args, clock: dict[str, float], users: int, users_b1: int, same: int, 
         ("throughput batch 1, users/s", f"{throughput_b1:.2f}  ({users_b1} users)"),
         ("valid items among returned", f"{valid}/{total}"),
         ("users with identical top-K (ours vs dict trie)", f"{same}/{users}"),
+        ("our processor with mask_history exclusion", f"{1e3 * clock['masked'] / clock['masked_calls']:.3f} ms/call; "
+                                                       f"seen items returned: {int(clock['seen_returned'])}"),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"\ndevice={args.device} dtype={args.dtype} threads={torch.get_num_threads()} histories={users} "
@@ -189,6 +207,8 @@ def report(args, clock: dict[str, float], users: int, users_b1: int, same: int, 
     print(f"(a) constrained / unconstrained time   = {ratio_a:.3f}  target <= 1.10  {'PASS' if ratio_a <= 1.10 else 'FAIL'}")
     print(f"(b) our processor / dict-trie processor = {ratio_b:.3f}  target <= 0.25  {'PASS' if ratio_b <= 0.25 else 'FAIL'}")
     print(f"(c) throughput batch {args.batch_size} / batch 1     = {throughput / throughput_b1:.2f}x")
+    per_call = (clock["masked"] / clock["masked_calls"]) / (clock["ours"] / clock["ours_calls"])
+    print(f"(d) processor with / without history exclusion, per call = {per_call:.2f}")
 
 
 def main() -> None:
@@ -199,6 +219,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch1-histories", type=int, default=0, help="histories for the batch-1 run (0: all)")
+    parser.add_argument("--masked-histories", type=int, default=64, help="histories decoded again with mask_history exclusion")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-share-prompt", action="store_true", help="plain generate: encode each prompt once per beam")

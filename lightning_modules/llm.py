@@ -82,9 +82,9 @@ class GenerativeRecommender(L.LightningModule):
         code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary) or ``trie``
             (code targets scored against the trie's continuations of their prefix, beam scores renormalised over
             the allowed tokens; needs ``full_finetune``, since LoRA keeps the new LM-head rows inside peft's wrapper).
-        mask_history: drop items the user already interacted with from the decoded list before ranking, the
-            policy of this repository's ID baselines (their ``mask_history``); the default ranks them, as LC-Rec
-            does. Seen items leave the ``eval_top_k`` list (padded with -1), so keep ``eval_top_k`` above 10.
+        mask_history: never recommend items the user already interacted with, the policy of this repository's ID
+            baselines (their ``mask_history``); the default ranks them, as LC-Rec does. They are excluded inside
+            the constrained beam search, so all ``eval_top_k`` slots hold unseen items.
     """
 
     def __init__(

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PrefixConstrainedLogitsP
 import callbacks.beam_eval as beam_eval
 from callbacks.beam_eval import BeamSearchEvaluator
 from datamodules.base import RecDataModule
-from lightning_modules.components.decoding import BeamBatchResult, beam_generation_config, cache_keyword, drop_seen, generate_topk
+from lightning_modules.components.decoding import BeamBatchResult, beam_eval_batch, beam_generation_config, cache_keyword, generate_topk
 from lightning_modules.components.trie import CodeCollisionError, CodeTrie, TrieLogitsProcessor, dict_trie_prefix_fn
 from lightning_modules.metrics import rank_in_list
 
@@ -339,13 +339,58 @@ def test_cache_keyword_follows_the_installed_transformers():
     assert cache_keyword(Older()) == "past_key_values"
 
 
-def test_drop_seen_moves_history_items_out_as_misses():
-    """``mask_history``: seen items leave the list, the rest keep the beam order, and a seen target is a miss."""
-    items = torch.tensor([[5, 3, 9, 1], [2, 7, 4, 8]])
-    scores = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -1.5, -2.5, -3.5]])
-    kept, kept_scores = drop_seen(items, scores, torch.tensor([0, 0, 1, 1]), torch.tensor([3, 1, 8, 6]))
-    assert kept.tolist() == [[5, 9, -1, -1], [2, 7, 4, -1]]
-    assert kept_scores[0, :2].tolist() == [-1.0, -3.0] and torch.isinf(kept_scores[0, 2:]).all()
-    assert rank_in_list(kept, torch.tensor([9, 8])).tolist() == [1, 4]  # row 1's target was seen: a miss
-    nothing_seen = drop_seen(items, scores, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-    assert torch.equal(nothing_seen[0], items) and torch.equal(nothing_seen[1], scores)
+def test_blocked_nodes_are_the_prefixes_whose_items_are_all_excluded():
+    codes = make_codes(30, seed=6)
+    trie = CodeTrie(codes, EOS, items=range(200, 230))
+    first = codes[0][:1]
+    whole_branch = [200 + n for n, code in enumerate(codes) if code[:1] == first]
+    exclusions = {0: whole_branch + whole_branch[:1], 1: [203, 999, -1], 2: []}  # a repeat, unknown ids, nobody
+    rows = torch.tensor([row for row, items in exclusions.items() for _ in items])
+    items = torch.tensor([item for items in exclusions.values() for item in items])
+    blocked = trie.blocked_nodes(rows, items, num_prompts=3)
+    for row, excluded in exclusions.items():
+        for n, code in enumerate(codes):
+            for depth in range(1, trie.code_length + 1):
+                node = trie.walk(torch.tensor([code[:depth]]))[0]
+                below = [200 + m for m, other in enumerate(codes) if other[:depth] == code[:depth]]
+                assert bool(blocked[row, node]) == (set(below) <= set(excluded)), (row, code[:depth])
+    assert not blocked[:, 0].any()
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_excluded_items_never_returned_and_the_rest_keep_their_exact_order(renormalize):
+    """Exclusion inside the search = the unrestricted ranking minus the excluded items, with the same scores."""
+    model, codes = tiny_model(seed=7), make_codes(14, seed=8)
+    trie = CodeTrie(codes, EOS, items=range(300, 314))
+    ids, mask = left_padded([6, 6, 6], seed=2)
+    full_items, full_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 16, 16, renormalize=renormalize)
+    branch = [300 + n for n, code in enumerate(codes) if code[:1] == codes[0][:1]]
+    excluded = {0: full_items[0, :3].tolist(), 1: branch, 2: list(range(300, 314))}  # the top 3, a whole prefix, all
+    rows = torch.tensor([row for row, items in excluded.items() for _ in items])
+    items, scores = generate_topk(model, TOKENIZER, ids, mask, trie, 16, 16, renormalize=renormalize,
+                                  exclude=(rows, torch.tensor([item for items in excluded.values() for item in items])))
+    for row in range(3):
+        keep = [n for n, item in enumerate(full_items[row].tolist()) if item >= 0 and item not in excluded[row]]
+        assert items[row, : len(keep)].tolist() == full_items[row, keep].tolist()
+        torch.testing.assert_close(scores[row, : len(keep)], full_scores[row, keep], atol=1e-5, rtol=1e-5)
+        assert items[row, len(keep) :].eq(-1).all() and torch.isinf(scores[row, len(keep) :]).all()
+    assert len([n for n in items[1].tolist() if n >= 0]) == 14 - len(branch)  # no beam lost in the excluded prefix
+
+
+def test_mask_history_fills_every_slot_with_unseen_items():
+    """With fewer beams than items, masking afterwards would leave holes; excluding in the search does not."""
+    model, codes = tiny_model(seed=9), make_codes(40, seed=10)
+    trie = CodeTrie(codes, EOS)
+    ids, mask = left_padded([5, 7], seed=3)
+    module = SimpleNamespace(model=model, tokenizer=TOKENIZER, code_trie=trie)
+    unmasked = beam_eval_batch(module, {"input_ids": ids, "attention_mask": mask, "target_item": torch.tensor([0, 1])}, 6, 6)
+    seen_items = unmasked.items[:, :4].flatten()  # each user "has" their 4 best-scored items
+    batch = {"input_ids": ids, "attention_mask": mask, "seen_rows": torch.tensor([0] * 4 + [1] * 4), "seen_items": seen_items,
+             "target_item": unmasked.items[:, 4]}
+    masked = beam_eval_batch(module, batch, 6, 6, mask_history=True)
+    assert (masked.items >= 0).all()  # 6 unseen items each, not 2
+    for row in range(2):
+        assert not set(masked.items[row].tolist()) & set(seen_items[4 * row : 4 * row + 4].tolist())
+        assert set(unmasked.items[row, 4:].tolist()) <= set(masked.items[row].tolist())  # the unseen ones found before
+        assert (masked.scores[row, :-1] >= masked.scores[row, 1:]).all()
+    assert (masked.ranks < 6).all()

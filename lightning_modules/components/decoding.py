@@ -113,6 +113,7 @@ def generate_topk(
     processor: LogitsProcessor | None = None,
     share_prompt: bool = True,
     renormalize: bool = False,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K items per prompt by trie-constrained beam search.
 
@@ -129,6 +130,9 @@ def generate_topk(
         share_prompt: encode each prompt once and share its KV cache across beams (:func:`shared_prompt_cache`);
             ``False`` is plain ``generate`` (identical results up to float rounding).
         renormalize: score each step over the trie's allowed tokens only (see :class:`TrieLogitsProcessor`).
+        exclude: ``(rows, items)`` pairs never to return (a user's history under ``mask_history``). Excluded inside
+            the search (:meth:`CodeTrie.blocked_nodes`), so the K results are the best K *remaining* items rather
+            than what is left of K after a filter; each keeps the score it has without the exclusion.
 
     Returns:
         ``items`` ``[B, K]`` distinct item ids per row, best first, and their ``scores`` (summed log-probs);
@@ -146,7 +150,12 @@ def generate_topk(
         num_beams, num_return_sequences, max_new_tokens or code_length + 1, pad, eos, getattr(tokenizer, "bos_token_id", None)
     )
     trie.to(prompts_input_ids.device)
-    processors = LogitsProcessorList([processor if processor is not None else TrieLogitsProcessor(trie, prompt_len, renormalize=renormalize)])
+    if processor is not None and exclude is not None:
+        raise ValueError("`exclude` needs the built-in trie processor; a custom `processor` cannot apply it")
+    blocked = None if exclude is None else trie.blocked_nodes(exclude[0].to(trie.device), exclude[1].to(trie.device), batch)
+    processors = LogitsProcessorList(
+        [processor if processor is not None else TrieLogitsProcessor(trie, prompt_len, renormalize=renormalize, blocked=blocked)]
+    )
     with isolated_generation_config(model), torch.inference_mode():
         cache = {}
         if share_prompt and prompt_len > 1 and num_beams > 1:
@@ -188,19 +197,6 @@ class BeamBatchResult:
     ranks: torch.Tensor
 
 
-def drop_seen(items: torch.Tensor, scores: torch.Tensor, seen_rows: torch.Tensor, seen_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move returned items the user already interacted with to the end of their row as misses (item -1, score -inf).
-
-    ``seen_rows``/``seen_items``: (row, item) pairs of each user's history, as the ID baselines mask them.
-    The remaining items keep their order, so the ranking is the beam ranking restricted to unseen items.
-    """
-    match = items[seen_rows] == seen_items[:, None]  # [pairs, K]
-    seen = torch.zeros(items.shape, dtype=torch.int32, device=items.device).index_add_(0, seen_rows, match.int()) > 0
-    order = torch.sort(seen.int(), dim=1, stable=True).indices
-    moved = seen.gather(1, order)
-    return items.gather(1, order).masked_fill(moved, -1), scores.gather(1, order).masked_fill(moved, float("-inf"))
-
-
 def beam_eval_batch(
     module, batch: dict[str, torch.Tensor], num_beams: int = 20, top_k: int = 20, renormalize: bool | None = None,
     mask_history: bool | None = None,
@@ -219,8 +215,9 @@ def beam_eval_batch(
         top_k: items kept per user (``num_return_sequences``).
         renormalize: renormalise step scores over the allowed tokens; ``None`` takes the module's
             ``renormalize_codes`` (true for models trained with ``code_softmax: trie``).
-        mask_history: drop items in the batch's ``seen_rows``/``seen_items`` from the lists (:func:`drop_seen`);
-            ``None`` takes the module's ``mask_history`` (false when it has none).
+        mask_history: never return the items in the batch's ``seen_rows``/``seen_items`` (excluded inside the beam
+            search, so all ``top_k`` slots go to unseen items); ``None`` takes the module's ``mask_history``
+            (false when it has none).
     """
     if renormalize is None:
         renormalize = bool(getattr(module, "renormalize_codes", False))
@@ -229,10 +226,9 @@ def beam_eval_batch(
     device = batch["input_ids"].device
     if module.code_trie.device != device:
         module.code_trie.to(device)
+    exclude = (batch["seen_rows"].to(device), batch["seen_items"].to(device)) if mask_history else None
     items, scores = generate_topk(
         module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], module.code_trie, num_beams, top_k,
-        renormalize=renormalize,
+        renormalize=renormalize, exclude=exclude,
     )
-    if mask_history:
-        items, scores = drop_seen(items, scores, batch["seen_rows"].to(device), batch["seen_items"].to(device))
     return BeamBatchResult(items, scores, rank_in_list(items, batch["target_item"].to(device)))

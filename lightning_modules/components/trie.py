@@ -14,6 +14,10 @@ HF beam search reorders its beams between logits-processor calls without telling
 cached per row would belong to another beam one step later. :class:`TrieLogitsProcessor` therefore derives
 each row's state from the row's own generated tokens: ``d`` vectorised gathers through ``next_state`` at
 depth ``d <= L`` (at most 4 tiny ``[rows]`` gathers), then one gather of the allowed slots.
+
+Per-prompt exclusions (the items a user already has, under ``mask_history``) are a ``[prompts, nodes]`` bool table
+from :meth:`CodeTrie.blocked_nodes`: a node is blocked when *every* item below it is excluded, so a beam never
+enters a prefix without an allowed item and all ``num_beams`` beams are spent on items that can be recommended.
 """
 
 from __future__ import annotations
@@ -84,8 +88,20 @@ class CodeTrie:
         token_slot = torch.full((L, vocab_bound), -1, dtype=torch.long)
         for d, tokens in enumerate(level_tokens):
             token_slot[d, torch.tensor(tokens)] = torch.arange(len(tokens))
+        # For exclusions: each leaf's path (node ids at depths 1..L) and how many items lie below every node.
+        leaf_rows = torch.tensor([node_of[row] for row in rows]) - self.num_states
+        path_of_leaf = torch.empty(len(rows), L, dtype=torch.long)
+        path_of_leaf[leaf_rows] = torch.tensor([[node_of[row[:d]] for d in range(1, L + 1)] for row in rows])
+        items_below = torch.zeros(len(node_of), dtype=torch.int32)
+        items_below.index_add_(0, path_of_leaf.flatten(), torch.ones(path_of_leaf.numel(), dtype=torch.int32))
+        items_below[0] = len(rows)
+        leaf_of_item = torch.full((max(item_ids) + 1,), -1, dtype=torch.long)
+        leaf_of_item[torch.tensor(item_ids)] = leaf_rows
         self.next_state = next_state
         self.allowed = next_state >= 0
+        self.path_of_leaf = path_of_leaf
+        self.items_below = items_below
+        self.leaf_of_item = leaf_of_item
         self.token_slot = token_slot
         self.level_tokens = [torch.tensor(tokens, dtype=torch.long) for tokens in level_tokens]
         self.item_of_leaf = item_of_leaf
@@ -120,7 +136,7 @@ class CodeTrie:
 
     def to(self, device: torch.device | str) -> "CodeTrie":
         """Move the tables to ``device`` (in place; returns self)."""
-        for name in ("next_state", "allowed", "token_slot", "item_of_leaf"):
+        for name in ("next_state", "allowed", "token_slot", "item_of_leaf", "path_of_leaf", "items_below", "leaf_of_item"):
             setattr(self, name, getattr(self, name).to(device))
         self.level_tokens = [tokens.to(device) for tokens in self.level_tokens]
         return self
@@ -140,6 +156,33 @@ class CodeTrie:
             child = self.next_state[state.clamp(min=0), slot.clamp(min=0)].long()
             state = torch.where(alive, child, -1)
         return state
+
+    @property
+    def num_nodes(self) -> int:
+        return self.items_below.numel()
+
+    def blocked_nodes(self, rows: torch.Tensor, items: torch.Tensor, num_prompts: int) -> torch.Tensor:
+        """``[num_prompts, num_nodes]`` bool: node ``n`` is blocked for prompt ``p`` when every item below it is excluded.
+
+        Args:
+            rows: prompt index of each excluded ``(row, item)`` pair (repeats are fine).
+            items: the excluded item ids; ids the trie does not hold are ignored.
+            num_prompts: number of prompts ``B``.
+
+        Built with scatters only (no device->host sync): once per ``generate`` call, not per step.
+        """
+        num_leaves = self.path_of_leaf.shape[0]
+        bound = self.leaf_of_item.numel()
+        leaf = self.leaf_of_item[items.long().clamp(0, bound - 1)]
+        leaf = torch.where((items >= 0) & (items < bound) & (leaf >= 0), leaf, num_leaves)  # unknown: a spare column
+        excluded = torch.zeros(num_prompts, num_leaves + 1, dtype=torch.int32, device=self.device)
+        excluded[rows.long(), leaf] = 1  # assignment, so a repeated pair counts once
+        excluded = excluded[:, :num_leaves]
+        below = torch.zeros(num_prompts, self.num_nodes, dtype=torch.int32, device=self.device)
+        for depth in range(self.code_length):
+            below.index_add_(1, self.path_of_leaf[:, depth], excluded)
+        below[:, 0] = excluded.sum(dim=1)
+        return below >= self.items_below
 
     def items_of(self, codes: torch.Tensor) -> torch.Tensor:
         """Item id of each row of ``codes`` ``[N, L]``; ``-1`` where the row is not a valid item code."""
@@ -165,14 +208,23 @@ class TrieLogitsProcessor(LogitsProcessor):
         renormalize: subtract each row's log-sum-exp over its allowed tokens, so a step's scores are
             log-probabilities *given* the trie (for models trained with the trie-restricted code softmax, whose
             vocabulary-wide mass outside the codes is untrained). Off: scores stay the model's own log-probs.
+        blocked: ``[prompts, nodes]`` from :meth:`CodeTrie.blocked_nodes`; rows are ``prompt * beams + beam``
+            (HF's layout). Applied *after* renormalising, so every item keeps its score given the whole trie and
+            the ranking equals the unrestricted ranking with the excluded items removed, without spending beams
+            on them.
     """
 
-    def __init__(self, trie: CodeTrie, prompt_len: int | None = None, inplace: bool = True, renormalize: bool = False) -> None:
+    def __init__(
+        self, trie: CodeTrie, prompt_len: int | None = None, inplace: bool = True, renormalize: bool = False,
+        blocked: torch.Tensor | None = None,
+    ) -> None:
         self.trie = trie
         self.prompt_len = prompt_len
         self._detected = False
         self.inplace = inplace
         self.renormalize = renormalize
+        self.blocked = blocked
+        self._prompt_of_row: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Forget a prompt length detected from a previous ``generate`` call."""
@@ -195,16 +247,28 @@ class TrieLogitsProcessor(LogitsProcessor):
             return out
         state = trie.walk(input_ids[:, self.prompt_len :])
         tokens = trie.level_tokens[depth]
-        allowed = trie.allowed[state.clamp(min=0), : tokens.numel()] & (state >= 0)[:, None]
+        child = trie.next_state[state.clamp(min=0), : tokens.numel()]
+        allowed = (child >= 0) & (state >= 0)[:, None]
         kept = torch.where(allowed, scores.index_select(1, tokens), -float("inf"))
         if self.renormalize:  # rows without an allowed token (dead beams) stay -inf instead of NaN
             kept = kept - torch.logsumexp(kept, dim=1, keepdim=True).nan_to_num(nan=0.0, neginf=0.0)
+        if self.blocked is not None:
+            kept = kept.masked_fill(self._blocked_children(child), -float("inf"))
         # A row whose prefix left the trie may only end (keeps such dead beams from spelling codes).
         dead_eos = torch.where(state >= 0, -float("inf"), scores[:, eos])
         out.fill_(-float("inf"))
         out.index_copy_(1, tokens, kept)
         out[:, eos] = dead_eos
         return out
+
+    def _blocked_children(self, child: torch.Tensor) -> torch.Tensor:
+        rows, prompts = child.shape[0], self.blocked.shape[0]
+        if rows % prompts:
+            raise ValueError(f"{rows} score rows are not a whole number of beams for the {prompts} prompts of `blocked`")
+        self.blocked = self.blocked.to(child.device)
+        if self._prompt_of_row is None or self._prompt_of_row.shape[0] != rows or self._prompt_of_row.device != child.device:
+            self._prompt_of_row = torch.arange(rows, device=child.device) // (rows // prompts)
+        return self.blocked[self._prompt_of_row[:, None], child.long().clamp(min=0)]
 
 
 def dict_trie_prefix_fn(
