@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
         processor = TrieLogitsProcessor(trie, batch["input_ids"].shape[1], blocked=trie.blocked_nodes(rows, items, len(users)))
         out, _ = generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
                                processor=Timed(processor, clock, "masked"), share_prompt=share)
-        return sum(int(item) in set(users[row]) for row in range(len(users)) for item in out[row].tolist())
+        return sum(len(set(out[row].tolist()) & set(history)) for row, history in enumerate(users))
 
     def dict_trie(batch):
         plen = batch["input_ids"].shape[1]
