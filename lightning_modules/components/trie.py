@@ -82,14 +82,14 @@ class CodeTrie:
         parent, slot, child = torch.tensor(edges, dtype=torch.long).T
         next_state = torch.full((self.num_states, width), -1, dtype=torch.int32)
         next_state[parent, slot] = child.to(torch.int32)
+        leaf_rows = torch.tensor([node_of[row] for row in rows]) - self.num_states  # each item's leaf
         item_of_leaf = torch.empty(len(node_of) - self.num_states, dtype=torch.long)
-        item_of_leaf[torch.tensor([node_of[row] for row in rows]) - self.num_states] = torch.tensor(item_ids)
+        item_of_leaf[leaf_rows] = torch.tensor(item_ids)
         vocab_bound = max(max(tokens) for tokens in level_tokens) + 1
         token_slot = torch.full((L, vocab_bound), -1, dtype=torch.long)
         for d, tokens in enumerate(level_tokens):
             token_slot[d, torch.tensor(tokens)] = torch.arange(len(tokens))
         # For exclusions: each leaf's path (node ids at depths 1..L) and how many items lie below every node.
-        leaf_rows = torch.tensor([node_of[row] for row in rows]) - self.num_states
         path_of_leaf = torch.empty(len(rows), L, dtype=torch.long)
         path_of_leaf[leaf_rows] = torch.tensor([[node_of[row[:d]] for d in range(1, L + 1)] for row in rows])
         items_below = torch.zeros(len(node_of), dtype=torch.int32)
