@@ -37,6 +37,7 @@ from torch import nn
 
 from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
 from lightning_modules.metrics import TopKMetrics
+from lightning_modules.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class GenerativeRecommender(L.LightningModule):
         load_dtype: dtype of pretrained weights (``auto`` keeps the checkpoint's).
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay (matrices only, as in the HF Trainer).
-        warmup_steps: linear warm-up steps, then cosine decay to 0 over the run.
+        warmup_steps: linear warm-up steps, then cosine decay to 0 at the end of the run: the last step of
+            ``max_epochs``/``max_steps``, or ``trainer.max_time`` if that comes first.
         num_beams: beam width of constrained decoding.
         eval_top_k: items returned per user (at least 10 for HR@10).
         code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary) or ``trie``
@@ -389,15 +391,5 @@ class GenerativeRecommender(L.LightningModule):
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=hp.lr)
-        total = self.trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) else 0
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if total <= hp.warmup_steps:
-                return 1.0
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / (total - hp.warmup_steps))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.trainer, hp.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
