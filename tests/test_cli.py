@@ -76,6 +76,65 @@ def test_fit_then_test_writes_metrics_json(synthetic_dir, tmp_path):
     main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.fast_dev_run=1")])
 
 
+def _checkpoint_callbacks(config: str) -> list[dict]:
+    import yaml
+
+    callbacks = yaml.safe_load((CONFIGS / config).read_text()).get("trainer", {}).get("callbacks") or []
+    return [cb.get("init_args") or {} for cb in callbacks if cb["class_path"].endswith("ModelCheckpoint")]
+
+
+@pytest.mark.parametrize("config", [c for c in RUN_CONFIGS if _checkpoint_callbacks(c)])
+def test_every_config_keeps_a_current_last_checkpoint(config):
+    """A monitored callback's ``save_last`` only follows improvements (Lightning >= 2.6): resuming from it would
+    silently drop every epoch after the best one. Some callback without a monitor must write each epoch."""
+    callbacks = _checkpoint_callbacks(config)
+    assert any(args.get("monitor") is None and args.get("save_top_k", 1) != 0 for args in callbacks), callbacks
+    assert not any(args.get("monitor") and args.get("save_last") for args in callbacks), callbacks
+
+
+def test_last_checkpoint_holds_the_final_epoch_and_resumes(synthetic_dir, tmp_path):
+    import torch
+
+    root = tmp_path / "run"
+    # lr 0: the monitored metric never improves after epoch 0, so only the first epoch is "best"
+    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=3", "--model.init_args.lr=0",
+                                "--test_after_fit=false", "--trainer.limit_train_batches=2")])
+    checkpoints = root / "csv" / "version_0" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] == 6
+    assert [path.name for path in checkpoints.glob("epoch=*.ckpt")] == ["epoch=0-step=2.ckpt"]
+    resumed = build_cli(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "resumed", "--trainer.max_epochs=4",
+                                              "--test_after_fit=false", "--trainer.limit_train_batches=2"),
+                         "--ckpt_path", str(checkpoints / "last.ckpt")])
+    assert resumed.trainer.current_epoch == 4 and resumed.trainer.global_step == 8  # one more epoch, not three
+
+
+def test_final_weights_checkpoint_survives_a_stop_mid_epoch(synthetic_dir, tmp_path):
+    """configs/industrial/llm.yaml tests last.ckpt: written at every train-epoch end, including the epoch that
+    max_time (here: a callback doing what Lightning's Timer does) cuts short before its validation."""
+    import lightning as L
+    import torch
+
+    class StopAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop = trainer.should_stop or trainer.global_step >= 5
+
+    override = tmp_path / "callbacks.yaml"
+    override.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {filename: last, save_on_train_epoch_end: true}}\n"
+        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {monitor: val/ndcg@10, mode: max}}\n"
+    )
+    cli = build_cli([*tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "run", "--config", str(override),
+                                     "--trainer.max_epochs=5", "--trainer.limit_train_batches=3")], run=False)
+    cli.trainer.callbacks.append(StopAt())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 5  # stopped inside the second epoch (3 batches each)
+    final = cli.trainer.checkpoint_callback
+    assert final.best_model_path.endswith("last.ckpt")
+    assert torch.load(final.best_model_path, map_location="cpu", weights_only=False)["global_step"] == 5
+
+
 def test_checkpoint_for_another_dataset_is_refused(synthetic_dir, tmp_path):
     from datamodules import SyntheticSpec, write_synthetic
 

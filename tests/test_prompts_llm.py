@@ -413,7 +413,9 @@ def test_fit_and_test_on_a_stage2_export(synthetic_dir, tmp_path):
                                 "--data.init_args.embeddings", str(tmp_path / "item_embeddings.pt"), "--model.init_args.num_levels=3",
                                 "--model.init_args.codebook_size=8", "--trainer.max_epochs=1")])
     root, export = tmp_path / "run", tmp_path / "llm"
-    beam = "    - {class_path: callbacks.beam_eval.BeamSearchEvaluator, init_args: {stages: [test]}}\n"  # the teammate's evaluator
+    # the teammate's evaluator. output_dir explicitly: jsonargparse merges stacked callback lists item by item and keeps
+    # the init_args a new class_path accepts, so the base config's 4th callback (LLMExporter) would lend it its output_dir
+    beam = "    - {class_path: callbacks.beam_eval.BeamSearchEvaluator, init_args: {stages: [test], output_dir: null}}\n"
     main(["fit", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, root, "--config", str(_callbacks(tmp_path, export, beam)),
                                 "--data.init_args.index", str(codebook), "--data.init_args.eval_max_users=8",
                                 "--model.init_args.code_embedding_init=mlp2", "--trainer.max_epochs=2", "--trainer.limit_train_batches=3")])
