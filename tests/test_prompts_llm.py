@@ -484,3 +484,33 @@ def test_negative_ratio_sweep_parses():
     args = [arg for config in configs for arg in ("--config", str(REPO / config))]
     cli = build_cli([*args, "--data.init_args.negative_ratio=0"], run=False)
     assert cli.datamodule.negative_ratio == 0 and isinstance(cli.model, GenerativeRecommender)
+
+
+def test_a_dataloader_worker_yields_the_in_process_batches_every_epoch(synthetic_dir, tmp_path):
+    """Tokenization may run in a worker (configs/industrial/llm.yaml): the worker must see each epoch's re-drawn
+    negatives, templates and subsets (workers do not persist; on_train_epoch_start re-draws before the fork)."""
+    require_tokenizer()
+    import lightning as L
+
+    class Recorder(L.Callback):
+        def __init__(self) -> None:
+            self.batches: list[tuple[int, torch.Tensor]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.batches.append((trainer.current_epoch, batch["input_ids"].clone()))
+
+    index = write_index(tmp_path / "index.json", synthetic_codes())
+    runs = {}
+    for workers in (0, 1):
+        cli = build_cli([*tiny_run_args("synthetic/llm.yaml", synthetic_dir, tmp_path / f"w{workers}", "--data.init_args.index", str(index),
+                                        f"--data.init_args.num_workers={workers}",
+                                        "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+                                        "--trainer.callbacks=[]", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+                                        "--test_after_fit=false")], run=False)
+        recorder = Recorder()
+        cli.trainer.callbacks.append(recorder)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        runs[workers] = recorder.batches
+    assert [epoch for epoch, _ in runs[1]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(runs[0], runs[1], strict=True))
+    assert not torch.equal(runs[1][0][1], runs[1][3][1])  # and the epochs differ
