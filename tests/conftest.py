@@ -11,6 +11,7 @@ from datamodules.synthetic import SyntheticSpec, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "llama2"
 CONFIGS = REPO / "configs"
 TINY_SPEC = SyntheticSpec(num_users=300, num_items=120, num_categories=6, seed=3)
 
@@ -27,6 +28,13 @@ def shared_dataset(name: str) -> Path:
     if not (path / f"{name}.inter.json").is_file():
         pytest.skip(f"shared dataset {name} not available at {path}")
     return path
+
+
+def shared_tokenizer() -> Path:
+    """The real Llama-2 tokenizer directory in ../shared, skipping the test cleanly when it is absent."""
+    if not (SHARED_TOKENIZER / "tokenizer.model").is_file():
+        pytest.skip(f"shared tokenizer not available at {SHARED_TOKENIZER}")
+    return SHARED_TOKENIZER
 
 
 def write_inter(directory: Path, name: str, sequences: dict, item_text: dict | None = None) -> Path:

@@ -21,9 +21,8 @@ from lightning_modules.cli import main
 from lightning_modules.components import code_index
 from lightning_modules.components.code_index import collision_rate, level_statistics, make_unique, tokens_to_codes
 from lightning_modules.components.quantizer import ResidualCodebook, kmeans
-from tests.conftest import REPO, shared_dataset, tiny_run_args
+from tests.conftest import shared_dataset, shared_tokenizer, tiny_run_args
 
-LLAMA_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "llama2"
 
 
 @pytest.fixture(scope="module")
@@ -240,15 +239,14 @@ def test_bad_codebook_settings_are_refused(synthetic_dir, item_embeddings, tmp_p
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random Llama (vocab 32000, hidden 32) with the real Llama-2 tokenizer, saved as an HF directory."""
-    if not (LLAMA_TOKENIZER / "tokenizer.model").is_file():
-        pytest.skip("../shared/tokenizers/llama2 not available")
+    tokenizer_dir = shared_tokenizer()
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
     LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(LLAMA_TOKENIZER).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return path
 
 

@@ -21,11 +21,11 @@ from datamodules.base import RecDataModule
 from lightning_modules.components.decoding import BeamBatchResult, beam_eval_batch, beam_generation_config, cache_keyword, generate_topk
 from lightning_modules.components.trie import CodeCollisionError, CodeTrie, TrieLogitsProcessor, dict_trie_prefix_fn
 from lightning_modules.metrics import rank_in_list
+from tests.conftest import shared_tokenizer
 
 V, EOS, PAD, BOS = 40, 2, 0, 1
 TOKENIZER = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
 LEVELS = (range(10, 14), range(20, 24), range(30, 34))  # 3 code levels of 4 tokens each
-LLAMA2 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "llama2"
 
 
 def make_codes(count: int, seed: int = 1) -> list[tuple[int, ...]]:
@@ -193,11 +193,10 @@ def test_generation_config_ignores_checkpoint_defaults():
 
 
 def test_llama2_tokenizer_code_tokens():
-    if not (LLAMA2 / "tokenizer.model").is_file():
-        pytest.skip(f"no tokenizer at {LLAMA2}")
+    tokenizer_dir = shared_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(LLAMA2))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer.add_tokens([f"<{level}_{code}>" for level in "abcd" for code in range(8)])
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.unk_token
     index = {str(i): [f"<a_{i % 8}>", f"<b_{i // 8}>", f"<c_{(3 * i) % 8}>", f"<d_{i % 3}>"] for i in range(24)}

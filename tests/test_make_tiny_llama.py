@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-LLAMA2 = REPO.parent / "shared" / "tokenizers" / "llama2"
+from tests.conftest import REPO, shared_tokenizer
+
 
 
 def _script():
@@ -22,9 +22,7 @@ def _script():
 
 @pytest.fixture(scope="module")
 def tokenizer_dir() -> Path:
-    if not (LLAMA2 / "tokenizer.model").is_file():
-        pytest.skip(f"no tokenizer at {LLAMA2}")
-    return LLAMA2
+    return shared_tokenizer()
 
 
 def test_untied_by_default_and_reused_only_with_the_same_shape(tmp_path, tokenizer_dir):

@@ -18,9 +18,9 @@ from datamodules.prompt_tasks import NEGATIVE_TASK, SEQUENTIAL_TASK, TASKS, TEXT
 from datamodules.prompt_templates import NEGATIVE, SEQUENTIAL
 from lightning_modules import GenerativeRecommender
 from lightning_modules.cli import build_cli, main
-from tests.conftest import CONFIGS, REPO, shared_dataset, tiny_run_args
+from tests.conftest import CONFIGS, REPO, SHARED_TOKENIZER, shared_dataset, shared_tokenizer, tiny_run_args
 
-TOKENIZER = REPO.parent / "shared" / "tokenizers" / "llama2"
+TOKENIZER = SHARED_TOKENIZER
 LC_REC_EVAL = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\nThe user has interacted with items {history} in chronological order. Can you predict the next "
@@ -54,8 +54,7 @@ def write_export(directory: Path, catalogue, codes: np.ndarray | None = None, **
 
 
 def require_tokenizer() -> None:
-    if not (TOKENIZER / "tokenizer.model").is_file():
-        pytest.skip(f"shared tokenizer not available at {TOKENIZER}")
+    shared_tokenizer()
 
 
 def llama_tokenizer():
