@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from lightning_modules.metrics import TopKMetrics, rank_of_target
+from lightning_modules.optimizers import adamw
 
 
 class CheckpointMismatchError(ValueError):
@@ -134,4 +135,4 @@ class IDRecommender(L.LightningModule):
         log_topk_metrics(self, self.test_metrics, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return adamw(self._trainer, self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

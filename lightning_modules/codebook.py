@@ -38,6 +38,7 @@ from torch import nn
 from lightning_modules.base import check_dataset_fingerprint
 from lightning_modules.components.code_index import last_level_costs
 from lightning_modules.components.quantizer import RQVAE, Distance, Quantized, ResidualCodebook, paired_distance
+from lightning_modules.optimizers import adamw
 
 log = logging.getLogger(__name__)
 
@@ -205,4 +206,4 @@ class AlignmentTokenizer(L.LightningModule):
         decay = [] if self.llm_projection is None else list(self.llm_projection.parameters())
         rest = [p for p in self.parameters() if all(p is not q for q in decay)]
         groups = [{"params": rest, "weight_decay": 0.0}] + ([{"params": decay, "weight_decay": self.hparams.weight_decay}] if decay else [])
-        return torch.optim.AdamW(groups, lr=self.hparams.lr)
+        return adamw(self._trainer, groups, lr=self.hparams.lr)

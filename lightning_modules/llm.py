@@ -37,6 +37,7 @@ from torch import nn
 
 from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
 from lightning_modules.metrics import TopKMetrics
+from lightning_modules.optimizers import adamw
 from lightning_modules.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -315,15 +316,17 @@ class GenerativeRecommender(L.LightningModule):
         closes_code = (targets == trie.eos_token_id) & previous_is_code
         total = hidden.new_zeros((), dtype=torch.float32)
         coded = torch.zeros_like(supervised)
+        # One gather of every level's LM-head rows: its backward scatters into a [vocab, hidden] gradient once,
+        # where one gather per level would zero-fill and add a vocabulary-sized buffer L times per step.
+        code_rows = head.weight.index_select(0, torch.cat(trie.level_tokens)).split([len(t) for t in trie.level_tokens])
         for d in range(trie.code_length):  # an empty depth contributes a zero sum
             rows, cols = torch.nonzero(depth == d, as_tuple=True)
             prefix = targets[rows[:, None], (cols[:, None] - d + torch.arange(d, device=targets.device)).clamp(min=0)]
             state = trie.walk(prefix)
             valid = (state >= 0) & (cols >= d)  # a code token outside any item's code (e.g. in a text) is scored as text
             rows, cols, state = rows[valid], cols[valid], state[valid]
-            tokens = trie.level_tokens[d]
-            logits = (hidden[rows, cols] @ head.weight.index_select(0, tokens).T).float()
-            logits = logits.masked_fill(~trie.allowed[state, : len(tokens)], -float("inf"))
+            logits = (hidden[rows, cols] @ code_rows[d].T).float()
+            logits = logits.masked_fill(~trie.allowed[state, : code_rows[d].shape[0]], -float("inf"))
             total = total + F.cross_entropy(logits, slots[d, rows, cols], reduction="sum")
             coded[rows, cols] = True
         is_text = supervised & ~coded & ~closes_code
@@ -390,6 +393,6 @@ class GenerativeRecommender(L.LightningModule):
         params = [param for param in self.parameters() if param.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=hp.lr)
+        optimizer = adamw(self._trainer, [group for group in groups if group["params"]], lr=hp.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.trainer, hp.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

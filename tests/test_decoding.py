@@ -157,7 +157,10 @@ def test_only_valid_distinct_items_and_same_as_dict_trie():
     assert (scores[:, :-1] >= scores[:, 1:]).all()
     reference = PrefixConstrainedLogitsProcessor(dict_trie_prefix_fn(codes, ids.shape[1], EOS), num_beams=8)
     ref_items, ref_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 8, 8, processor=reference)
-    assert torch.equal(items, ref_items) and torch.equal(scores, ref_scores)
+    full_items, full_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 8, 8, code_view=False)
+    assert torch.equal(full_items, ref_items) and torch.equal(full_scores, ref_scores)  # same full-vocabulary scores
+    assert torch.equal(items, ref_items)  # the code view (default) sums the same log-probs in another order
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
     plain_items, plain_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 8, 8, share_prompt=False)
     assert torch.equal(plain_items, items)  # the shared prompt cache changes rounding only
     torch.testing.assert_close(plain_scores, scores, atol=1e-4, rtol=1e-5)

@@ -466,6 +466,7 @@ def test_lora_trains_only_adapters_and_code_rows(synthetic_dir, tmp_path):
     keys = checkpoint["state_dict"].keys()
     assert any("lora_A" in key for key in keys) and any("trainable_tokens_delta" in key for key in keys)
     assert not any(key.endswith("base_layer.weight") or key.endswith("embed_tokens.weight") for key in keys)  # frozen: from model_path
+    assert all(group["fused"] for group in checkpoint["optimizer_states"][0]["param_groups"])  # one-kernel AdamW on CPU
     assert (root / "csv" / "version_0" / "test_metrics.json").is_file()  # the stripped checkpoint was tested
     model, tokenizer, manifest = load_exported_llm(export)
     assert manifest["weights"] == "adapter" and manifest["mode"] == "lora" and manifest["vocab_size"] == len(tokenizer) == 32025

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from lightning_modules.components.code_view import build_view, vocabulary_view
 from lightning_modules.components.trie import CodeTrie, TrieLogitsProcessor
 from lightning_modules.metrics import rank_in_list
 
@@ -114,6 +115,7 @@ def generate_topk(
     share_prompt: bool = True,
     renormalize: bool = False,
     exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
+    code_view: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K items per prompt by trie-constrained beam search.
 
@@ -133,6 +135,9 @@ def generate_topk(
         exclude: ``(rows, items)`` pairs never to return (a user's history under ``mask_history``). Excluded inside
             the search (:meth:`CodeTrie.blocked_nodes`), so the K results are the best K *remaining* items rather
             than what is left of K after a filter; each keeps the score it has without the exclusion.
+        code_view: search over a vocabulary of the trie's and the prompts' tokens only
+            (:mod:`lightning_modules.components.code_view`; same scores, a fraction of the per-step work). Off with a
+            custom ``processor``, which works in the model's own token ids.
 
     Returns:
         ``items`` ``[B, K]`` distinct item ids per row, best first, and their ``scores`` (summed log-probs);
@@ -153,17 +158,23 @@ def generate_topk(
     if processor is not None and exclude is not None:
         raise ValueError("`exclude` needs the built-in trie processor; a custom `processor` cannot apply it")
     blocked = None if exclude is None else trie.blocked_nodes(exclude[0].to(trie.device), exclude[1].to(trie.device), batch)
+    view = build_view(trie, prompts_input_ids, [pad]) if code_view and processor is None else None
+    search_trie, search_ids = (trie, prompts_input_ids) if view is None else (view.trie, view.to_view(prompts_input_ids))
+    if view is not None:
+        config.pad_token_id, config.eos_token_id, config.bos_token_id = view.id_of(pad), search_trie.eos_token_id, None
     processors = LogitsProcessorList(
-        [processor if processor is not None else TrieLogitsProcessor(trie, prompt_len, renormalize=renormalize, blocked=blocked)]
+        [processor if processor is not None else TrieLogitsProcessor(search_trie, prompt_len, renormalize=renormalize, blocked=blocked)]
     )
     with isolated_generation_config(model), torch.inference_mode():
         cache = {}
-        if share_prompt and prompt_len > 1 and num_beams > 1:
+        if share_prompt and prompt_len > 1 and num_beams > 1:  # before the view: the prompt in the model's own ids
             cache[cache_keyword(model.get_decoder())] = shared_prompt_cache(model, prompts_input_ids, attention_mask, num_beams)
-        out = model.generate(
-            input_ids=prompts_input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors, **cache
-        )
-    generated = out.sequences[:, prompt_len:]
+        with contextlib.nullcontext() if view is None else vocabulary_view(model, view, exact_normaliser=not renormalize):
+            out = model.generate(
+                input_ids=search_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors, **cache
+            )
+    sequences = out.sequences if view is None else view.to_original(out.sequences)
+    generated = sequences[:, prompt_len:]
     if generated.shape[1] < code_length + 1:  # every hypothesis ended early: nothing valid
         generated = torch.nn.functional.pad(generated, (0, code_length + 1 - generated.shape[1]), value=pad)
     items = trie.items_of(generated[:, :code_length])

@@ -1,0 +1,127 @@
+"""A small-vocabulary view of a causal LM for trie-constrained beam search.
+
+Constrained beam search only ever picks the trie's code tokens and EOS, yet ``generate`` runs its log-softmax, its
+top-k over ``beams x vocab``, the logits processor and the ``output_scores`` copies over the whole vocabulary at
+every step. For a small model that is most of the evaluation: on the Industrial tiny Llama (hidden 64, 33k tokens,
+50 prompts x 20 beams) the LM-head matmul was 14% of a batch and the other vocabulary-wide passes ~75%.
+
+:func:`vocabulary_view` swaps, for the duration of ``generate`` only, the model's input embedding and LM head for
+thin wrappers over a *view*: a sorted table of the token ids the search can meet (the trie's tokens, EOS, pad and
+the batch's prompt tokens). Inside ``generate`` a token id is a position in that table; the embedding wrapper maps
+it back before the model's own embedding, and the head scores the table's rows only. Scores stay exact:
+
+* ``renormalize`` (models trained with the trie softmax): every step is renormalised over the allowed tokens, all
+  of which are in the view, so the vocabulary's normaliser cancels and only the table's rows are computed;
+* otherwise one extra column holds the log-sum-exp of every logit *outside* the table, so ``generate``'s
+  log-softmax over the view equals the full-vocabulary log-probabilities of the table's tokens. The full LM-head
+  matmul still runs; everything after it works on the table. The processor never allows that column.
+
+transformers has no option to restrict ``generate`` to a sub-vocabulary (``PrefixConstrainedLogitsProcessor`` and
+``bad_words_ids`` mask a full-width score matrix), hence these two wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.components.trie import CodeTrie
+
+
+@dataclass
+class VocabularyView:
+    """The view's ``table`` (sorted original ids; position = id inside the view) and the trie re-keyed to it."""
+
+    table: torch.Tensor
+    trie: CodeTrie
+
+    def to_view(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Original ids (all in the table) -> view ids."""
+        return torch.searchsorted(self.table, token_ids)
+
+    def id_of(self, token_id: int) -> int:
+        """The view id of one original id in the table."""
+        return int(torch.searchsorted(self.table, torch.tensor([token_id], device=self.table.device)))
+
+    def to_original(self, view_ids: torch.Tensor) -> torch.Tensor:
+        """View ids -> original ids; the out-of-table column (never allowed) maps to the table's first token."""
+        return self.table[torch.where(view_ids < self.table.numel(), view_ids, 0)]
+
+
+def build_view(trie: CodeTrie, prompts: torch.Tensor, special_ids: Sequence[int]) -> VocabularyView:
+    """The view for one ``generate`` call: the trie's tokens, ``special_ids`` and every token of ``prompts``.
+
+    One ``unique`` per call (a device->host sync per batch, none per decoding step).
+    """
+    device = prompts.device
+    trie_tokens = torch.cat([tokens.to(device) for tokens in trie.level_tokens])
+    specials = torch.tensor([trie.eos_token_id, *special_ids], dtype=torch.long, device=device)
+    table = torch.unique(torch.cat([trie_tokens, specials, prompts.flatten().long()]))
+    view_trie = copy.copy(trie)  # same nodes and slots; only the token ids change
+    view_trie.level_tokens = [torch.searchsorted(table, tokens.to(device)) for tokens in trie.level_tokens]
+    view_trie.token_slot = torch.full((trie.code_length, table.numel()), -1, dtype=torch.long, device=device)
+    for depth, tokens in enumerate(view_trie.level_tokens):
+        view_trie.token_slot[depth, tokens] = torch.arange(tokens.numel(), device=device)
+    view_trie.eos_token_id = int(torch.searchsorted(table, specials[:1]))
+    for name in ("next_state", "allowed", "item_of_leaf", "path_of_leaf", "items_below", "leaf_of_item"):
+        setattr(view_trie, name, getattr(trie, name).to(device))
+    return VocabularyView(table, view_trie)
+
+
+class _ViewEmbedding(nn.Module):
+    """View ids -> the wrapped embedding of their original ids."""
+
+    def __init__(self, embedding: nn.Module, table: torch.Tensor) -> None:
+        super().__init__()
+        self.embedding, self.table = embedding, table
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.table[input_ids])
+
+
+class _ViewHead(nn.Module):
+    """Logits of the table's tokens, plus the out-of-table log-sum-exp column when ``exact_normaliser``."""
+
+    def __init__(self, head: nn.Module, table: torch.Tensor, exact_normaliser: bool) -> None:
+        super().__init__()
+        self.head, self.table, self.exact_normaliser = head, table, exact_normaliser
+        weight = getattr(head, "weight", None)
+        # A plain Linear with its weight in place: multiply by the table's rows only. A wrapper (peft) or a sharded
+        # weight (ZeRO-3 keeps a 0-element placeholder outside the module call) goes through the module itself.
+        self.rows_only = type(head) is nn.Linear and weight is not None and weight.numel() > 0 and not exact_normaliser
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.rows_only:
+            bias = None if self.head.bias is None else self.head.bias[self.table]
+            return F.linear(hidden, self.head.weight[self.table], bias)
+        logits = self.head(hidden)
+        viewed = logits.index_select(-1, self.table)
+        if not self.exact_normaliser:
+            return viewed
+        outside = logits.float().index_fill(-1, self.table, -float("inf")).logsumexp(-1, keepdim=True)
+        return torch.cat([viewed.float(), outside], dim=-1)
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The HF ``*ForCausalLM`` under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def vocabulary_view(model: nn.Module, view: VocabularyView, exact_normaliser: bool) -> Iterator[None]:
+    """Run ``model`` on view ids with logits over the view (see the module docstring); restored on exit."""
+    lm = causal_lm_of(model)
+    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    lm.set_input_embeddings(_ViewEmbedding(embedding, view.table))
+    lm.set_output_embeddings(_ViewHead(head, view.table, exact_normaliser))
+    try:
+        yield
+    finally:
+        lm.set_input_embeddings(embedding)
+        lm.set_output_embeddings(head)
