@@ -8,6 +8,10 @@ Measures, side by side in one run (the modes are interleaved batch by batch, so 
 (c) evaluation throughput (users/s) at the chosen batch size vs batch 1;
 (d) time per call of our processor with each user's history excluded inside the search (``mask_history``) / without,
     on the first ``--masked-histories`` users, and how many returned items were seen ones (must be 0).
+(e) end-to-end time of the search over the code-vocabulary view (the default of ``generate_topk``:
+    :mod:`lightning_modules.components.code_view`) / over the full vocabulary, with the model's own log-probs and
+    with ``renormalize`` (models trained with the trie softmax), on the first ``--view-histories`` users, and how
+    many users get the identical top-K list both ways.
 
 Model: a randomly initialised 4-layer, 512-hidden Llama with the Llama-2 vocabulary plus the 4x256 code tokens.
 Prompts: LC-Rec's sequential-recommendation prompt over each user's last 20 items before the test target.
@@ -143,6 +147,14 @@ def run(args: argparse.Namespace) -> None:
                                processor=Timed(processor, clock, "masked"), share_prompt=share)
         return sum(len(set(out[row].tolist()) & set(history)) for row, history in enumerate(users))
 
+    def full_vocabulary(batch, renormalize: bool):
+        return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
+                             share_prompt=share, renormalize=renormalize, code_view=False)
+
+    def code_view(batch, renormalize: bool):
+        return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
+                             share_prompt=share, renormalize=renormalize, code_view=True)
+
     def dict_trie(batch):
         plen = batch["input_ids"].shape[1]
         if plen not in prefix_fns:
@@ -160,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
         return out
 
     # Warm-up (allocator, kernels, the first dict trie) on one batch of each mode, then forget its timings.
-    unconstrained(batches[0]), ours(batches[0], True), dict_trie(batches[0])
+    unconstrained(batches[0]), ours(batches[0], True), dict_trie(batches[0]), code_view(batches[0], True)
     clock.clear()
     same, valid, total = 0, 0, 0
     for batch in batches:
@@ -173,6 +185,16 @@ def run(args: argparse.Namespace) -> None:
         same += int((items == reference).all(dim=1).sum())
         valid += int((items >= 0).sum())
         total += items.numel()
+    view_same = {False: 0, True: 0}
+    view_batches = batches[: max(1, args.view_histories // bs)]
+    for batch in view_batches:
+        for renormalize in (False, True):
+            suffix = "_renormalized" if renormalize else ""
+            full_items, _ = timed("full" + suffix, full_vocabulary, batch, renormalize)
+            view_items, _ = timed("view" + suffix, code_view, batch, renormalize)
+            view_same[renormalize] += int((full_items == view_items).all(dim=1).sum())
+    clock["view_users"] = sum(batch["input_ids"].shape[0] for batch in view_batches)
+    clock["view_same"], clock["view_same_renormalized"] = view_same[False], view_same[True]
     seen_returned = sum(ours_masked(batch, n * bs) for n, batch in enumerate(batches[: max(1, args.masked_histories // bs)]))
     clock["seen_returned"] = seen_returned
     single = prompts[: args.batch1_histories or len(prompts)]
@@ -209,6 +231,11 @@ def report(args, clock: dict[str, float], users: int, users_b1: int, same: int, 
     print(f"(c) throughput batch {args.batch_size} / batch 1     = {throughput / throughput_b1:.2f}x")
     per_call = (clock["masked"] / clock["masked_calls"]) / (clock["ours"] / clock["ours_calls"])
     print(f"(d) processor with / without history exclusion, per call = {per_call:.2f}")
+    users_v = int(clock["view_users"])
+    for suffix, label in (("", "model log-probs"), ("_renormalized", "renormalized")):
+        print(f"(e) code view / full vocabulary, {label:15s} = {clock['view' + suffix] / clock['full' + suffix]:.3f}  "
+              f"({clock['view' + suffix]:.2f} s vs {clock['full' + suffix]:.2f} s; identical top-K for "
+              f"{int(clock['view_same' + suffix])}/{users_v} users)")
 
 
 def main() -> None:
@@ -220,6 +247,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch1-histories", type=int, default=0, help="histories for the batch-1 run (0: all)")
     parser.add_argument("--masked-histories", type=int, default=64, help="histories decoded again with mask_history exclusion")
+    parser.add_argument("--view-histories", type=int, default=64, help="histories decoded with and without the code view")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-share-prompt", action="store_true", help="plain generate: encode each prompt once per beam")

@@ -19,8 +19,8 @@ there), the EOS that closes a code is not trained (the trie forces it), and deco
 allowed tokens: training maximises exactly the item likelihood the decoder ranks by. Text positions keep the
 full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this is also ~2-3x faster
 per step; with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss). Validation/test
-decode the top-K items by trie-constrained beam search (:mod:`lightning_modules.components.decoding`) and log
-``val/hr@10`` etc.
+decode the top-K items by trie-constrained beam search (:mod:`lightning_modules.components.decoding`, over a
+code-vocabulary view of the model: :mod:`lightning_modules.components.code_view`) and log ``val/hr@10`` etc.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Scores are HF's ``sequences_scores`` with ``length_penalty=0``: the summed log-p
 tokens plus EOS under the model (the trie only removes candidates; with ``renormalize`` each step is
 renormalised over the allowed tokens instead, for models trained with the trie-restricted code softmax).
 Every item has the same length, so a length penalty could not change the order anyway; 0 keeps the score a
-plain log-probability.
+plain log-probability. ``generate`` runs on a code-vocabulary view of the model by default
+(:mod:`lightning_modules.components.code_view`): the same scores, without the per-step vocabulary-wide passes.
 """
 
 from __future__ import annotations
