@@ -12,7 +12,6 @@ import torch
 from tests.conftest import REPO, shared_tokenizer
 
 
-
 def _script():
     spec = importlib.util.spec_from_file_location("make_tiny_llama", REPO / "experiments" / "make_tiny_llama.py")
     module = importlib.util.module_from_spec(spec)

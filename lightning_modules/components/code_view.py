@@ -57,20 +57,18 @@ class VocabularyView:
 def build_view(trie: CodeTrie, prompts: torch.Tensor, special_ids: Sequence[int]) -> VocabularyView:
     """The view for one ``generate`` call: the trie's tokens, ``special_ids`` and every token of ``prompts``.
 
-    One ``unique`` per call (a device->host sync per batch, none per decoding step).
+    One ``unique`` per call (a device->host sync per batch, none per decoding step). ``trie`` must be on the prompts'
+    device (``generate_topk`` moves it there); the view's trie shares its node tables.
     """
     device = prompts.device
-    trie_tokens = torch.cat([tokens.to(device) for tokens in trie.level_tokens])
     specials = torch.tensor([trie.eos_token_id, *special_ids], dtype=torch.long, device=device)
-    table = torch.unique(torch.cat([trie_tokens, specials, prompts.flatten().long()]))
+    table = torch.unique(torch.cat([*trie.level_tokens, specials, prompts.flatten().long()]))
     view_trie = copy.copy(trie)  # same nodes and slots; only the token ids change
-    view_trie.level_tokens = [torch.searchsorted(table, tokens.to(device)) for tokens in trie.level_tokens]
+    view_trie.level_tokens = [torch.searchsorted(table, tokens) for tokens in trie.level_tokens]
     view_trie.token_slot = torch.full((trie.code_length, table.numel()), -1, dtype=torch.long, device=device)
     for depth, tokens in enumerate(view_trie.level_tokens):
         view_trie.token_slot[depth, tokens] = torch.arange(tokens.numel(), device=device)
     view_trie.eos_token_id = int(torch.searchsorted(table, specials[:1]))
-    for name in ("next_state", "allowed", "item_of_leaf", "path_of_leaf", "items_below", "leaf_of_item"):
-        setattr(view_trie, name, getattr(trie, name).to(device))
     return VocabularyView(table, view_trie)
 
 
@@ -95,11 +93,13 @@ class _ViewHead(nn.Module):
         # A plain Linear with its weight in place: multiply by the table's rows only. A wrapper (peft) or a sharded
         # weight (ZeRO-3 keeps a 0-element placeholder outside the module call) goes through the module itself.
         self.rows_only = type(head) is nn.Linear and weight is not None and weight.numel() > 0 and not exact_normaliser
+        if self.rows_only:  # gathered once per generate call, not per decoding step
+            self.rows = weight[table]
+            self.bias = None if head.bias is None else head.bias[table]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.rows_only:
-            bias = None if self.head.bias is None else self.head.bias[self.table]
-            return F.linear(hidden, self.head.weight[self.table], bias)
+            return F.linear(hidden, self.rows, self.bias)
         logits = self.head(hidden)
         viewed = logits.index_select(-1, self.table)
         if not self.exact_normaliser:
