@@ -9,6 +9,7 @@ from lightning_modules.llm import GenerativeRecommender
 from lightning_modules.metrics import TopKMetrics, rank_in_list, rank_of_target
 from lightning_modules.popularity import MostPopular
 from lightning_modules.sasrec import SASRec
+from lightning_modules.transitions import TransitionCounts
 
 __all__ = [
     "AlignmentTokenizer",
@@ -21,6 +22,7 @@ __all__ = [
     "MostPopular",
     "SASRec",
     "TopKMetrics",
+    "TransitionCounts",
     "rank_in_list",
     "rank_of_target",
 ]

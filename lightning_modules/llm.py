@@ -343,7 +343,12 @@ class GenerativeRecommender(L.LightningModule):
         if batch["input_ids"].shape[0] == 0:
             return None  # every sample was longer than max_length: skip the step
         loss = self.response_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        # Length-grouped batches repeat every 50 batches (the longest, text-heavy batch first), so a step logged every
+        # `log_every_n_steps` can fall on that batch for a whole epoch (~6 against an epoch mean of ~2): the epoch mean
+        # is the number to compare across epochs.
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
     # -------------------------------------------------------------------------------------- evaluation

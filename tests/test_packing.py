@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from types import SimpleNamespace
 
 import numpy as np
@@ -164,8 +165,12 @@ def test_fit_with_packed_prompts_through_the_cli(synthetic_dir, tmp_path):
                                 "--data.init_args.index", str(index), "--data.init_args.pack_prompts=2", "--data.init_args.batch_size=4",
                                 "--data.init_args.eval_max_users=8", "--model.init_args.code_softmax=trie", "--model.init_args.mask_history=true",
                                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1")])
-    metrics = (root / "csv" / "version_0" / "metrics.csv").read_text()
-    assert "train/loss" in metrics and "test/hr@10" in metrics
+    rows = list(csv.DictReader((root / "csv" / "version_0" / "metrics.csv").open()))
+    steps = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
+    epoch_means = [float(row["train/loss_epoch"]) for row in rows if row.get("train/loss_epoch")]
+    assert len(steps) == 3 and len(epoch_means) == 1  # one mean per epoch, next to every step's loss
+    assert min(steps) <= epoch_means[0] <= max(steps)
+    assert any(row.get("test/hr@10") for row in rows)
 
 
 def test_eval_batches_carry_the_whole_history_for_masking(packed_dm):
