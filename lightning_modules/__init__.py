@@ -1,6 +1,6 @@
 """LightningModules: the ID-based recommenders, the codebook tokenizer and the LLM (LoRA SFT)."""
 
-from lightning_modules.base import CheckpointMismatchError, IDRecommender
+from lightning_modules.base import CheckpointMismatchError, CountingRecommender, IDRecommender
 from lightning_modules.bert4rec import BERT4Rec
 from lightning_modules.codebook import AlignmentTokenizer
 from lightning_modules.dccf import DCCF
@@ -15,6 +15,7 @@ __all__ = [
     "AlignmentTokenizer",
     "BERT4Rec",
     "CheckpointMismatchError",
+    "CountingRecommender",
     "DCCF",
     "FMLPRec",
     "GenerativeRecommender",

@@ -136,3 +136,21 @@ class IDRecommender(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return adamw(self._trainer, self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class CountingRecommender(IDRecommender):
+    """An ID recommender computed from counts over the training interactions: nothing to fit, run ``lightning test``.
+
+    Args:
+        mask_history: at evaluation, exclude the items the user already interacted with from the ranking.
+        top_k: length of the ranked lists returned by ``predict``.
+    """
+
+    def __init__(self, mask_history: bool = True, top_k: int = 20) -> None:
+        super().__init__(lr=0.0, weight_decay=0.0, mask_history=mask_history, top_k=top_k)
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise RuntimeError(f"{type(self).__name__} has nothing to train: run `lightning test` with its config instead of `fit`.")
+
+    def configure_optimizers(self) -> None:
+        return None

@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_modules.base import IDRecommender
+from lightning_modules.base import CountingRecommender
 
 
-class MostPopular(IDRecommender):
+class MostPopular(CountingRecommender):
     """Ranks items by their number of training interactions (``items[:-2]`` of every user); nothing is learned.
 
     Run it with ``lightning test --config configs/<dataset>/most_popular.yaml`` (``fit`` has nothing to train).
@@ -21,7 +21,7 @@ class MostPopular(IDRecommender):
     """
 
     def __init__(self, mask_history: bool = True, top_k: int = 20) -> None:
-        super().__init__(lr=0.0, weight_decay=0.0, mask_history=mask_history, top_k=top_k)
+        super().__init__(mask_history=mask_history, top_k=top_k)
         self.save_hyperparameters()
         self._counts: np.ndarray | None = None
 
@@ -37,9 +37,3 @@ class MostPopular(IDRecommender):
 
     def item_embeddings(self) -> torch.Tensor:
         return self.popularity[:, None]
-
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise RuntimeError("MostPopular has nothing to train: run `lightning test` with its config instead of `fit`.")
-
-    def configure_optimizers(self) -> None:
-        return None

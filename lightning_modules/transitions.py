@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_modules.base import IDRecommender
+from lightning_modules.base import CountingRecommender
 
 
-class TransitionCounts(IDRecommender):
+class TransitionCounts(CountingRecommender):
     """Ranks items by how often they followed the user's last items in the training sequences (``items[:-2]``).
 
     Every consecutive pair ``(a, b)`` of a user's training items counts once. A user's score for a group (an item,
@@ -42,7 +42,7 @@ class TransitionCounts(IDRecommender):
 
     def __init__(self, last_items: int = 3, index: str | None = None, code_depth: int = 1, mask_history: bool = True,
                  top_k: int = 20) -> None:
-        super().__init__(lr=0.0, weight_decay=0.0, mask_history=mask_history, top_k=top_k)
+        super().__init__(mask_history=mask_history, top_k=top_k)
         if last_items < 1:
             raise ValueError(f"last_items must be >= 1, got {last_items}")
         if code_depth < 1:
@@ -110,9 +110,3 @@ class TransitionCounts(IDRecommender):
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_share[:, None]
-
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise RuntimeError("TransitionCounts has nothing to train: run `lightning test` with its config instead of `fit`.")
-
-    def configure_optimizers(self) -> None:
-        return None

@@ -107,3 +107,10 @@ def test_real_split_item_and_code_level():
     targets = torch.from_numpy(datamodule.catalogue.items[batch.target_pos])
     hits = (scores.topk(10, dim=1).indices == targets[:, None]).any(1).float().mean().item()
     assert hits == pytest.approx(0.102, abs=0.002)
+
+
+def test_nothing_to_fit(toy):
+    module, _ = _module(toy)
+    assert module.configure_optimizers() is None
+    with pytest.raises(RuntimeError, match="TransitionCounts has nothing to train: run `lightning test`"):
+        module.training_loss({})
