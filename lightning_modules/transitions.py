@@ -73,8 +73,9 @@ class TransitionCounts(CountingRecommender):
         follows = users[1:] == users[:-1]
         keys, counts = np.unique(group[items[:-1][follows]] * num_groups + group[items[1:][follows]], return_counts=True)
         self._tables = {
-            "group": group, "share": share, "popularity": popularity, "num_groups": np.array(num_groups),
-            "source": keys // num_groups, "target": keys % num_groups, "count": counts.astype(np.float64),
+            "group": group, "share": share, "popularity": popularity, "target": keys % num_groups, "count": counts,
+            # keys are sorted, so each source group's pairs are one slice: CSR offsets [num_groups + 1]
+            "source_offsets": np.searchsorted(keys // num_groups, np.arange(num_groups + 1)),
         }
 
     def build(self, num_items: int) -> None:
@@ -84,19 +85,21 @@ class TransitionCounts(CountingRecommender):
         self.register_buffer("item_group", torch.from_numpy(tables["group"]).long(), persistent=False)
         self.register_buffer("item_share", torch.from_numpy(tables["share"]).float(), persistent=False)
         self.register_buffer("tie_break", torch.from_numpy(tie_break).float(), persistent=False)
-        offsets = np.searchsorted(tables["source"], np.arange(int(tables["num_groups"]) + 1))  # keys are sorted
-        self.register_buffer("source_offsets", torch.from_numpy(offsets).long(), persistent=False)
+        self.register_buffer("source_offsets", torch.from_numpy(tables["source_offsets"]).long(), persistent=False)
         self.register_buffer("pair_target", torch.from_numpy(tables["target"]).long(), persistent=False)
         self.register_buffer("pair_count", torch.from_numpy(tables["count"]).float(), persistent=False)
-        self.num_groups = int(tables["num_groups"])
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.source_offsets) - 1
 
     def group_scores(self, history: torch.Tensor) -> torch.Tensor:
         """``[B, num_groups]`` summed transition counts from the groups of each row's last history items."""
         last = history[:, -self.hparams.last_items :]
         rows, cols = torch.nonzero(last != self.num_items, as_tuple=True)  # left padding = num_items
         source = self.item_group[last[rows, cols]]
-        # CSR gather: each vote expands to its source group's stored pairs (pairs are sorted by source), so the
-        # work is the number of pairs touched, never a dense [num_groups, num_groups] table
+        # CSR gather: each vote expands to its source group's slice of pairs, so the work is the number of pairs
+        # touched, never a dense [num_groups, num_groups] table
         start, stop = self.source_offsets[source], self.source_offsets[source + 1]
         lengths = stop - start
         vote_of_pair = torch.repeat_interleave(torch.arange(len(source), device=history.device), lengths)

@@ -92,7 +92,7 @@ def test_code_depth_beyond_the_index_is_a_clear_error(toy):
         _module(toy, index=str(toy / "index.json"), code_depth=3)
 
 
-def test_real_split_item_and_code_level():
+def test_real_split_item_level():
     """Industrial (real data): unmasked item counts from the last 3 items beat most popular (0.0438 unmasked) by 2x."""
     data_dir = shared_dataset("Industrial_and_Scientific")
     datamodule = SequenceDataModule(data_dir=str(data_dir), dataset="Industrial_and_Scientific")
