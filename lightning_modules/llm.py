@@ -56,6 +56,22 @@ def mlp_projection(dims: list[int], seed: int = 0) -> nn.Sequential:
         return nn.Sequential(*layers)
 
 
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Summed label-smoothed cross-entropy where ``-inf`` logits mark classes the position cannot emit.
+
+    PyTorch's ``label_smoothing`` spreads mass over every class, so a masked (``-inf``) class makes the loss
+    infinite; here the uniform part covers the finite classes only. With nothing masked it equals
+    ``F.cross_entropy(..., label_smoothing=smoothing, reduction="sum")``.
+    """
+    if smoothing == 0.0:
+        return F.cross_entropy(logits, targets, reduction="sum")
+    log_probs = logits.log_softmax(-1)
+    allowed = torch.isfinite(logits)
+    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    uniform = -log_probs.masked_fill(~allowed, 0.0).sum(-1) / allowed.sum(-1)
+    return ((1.0 - smoothing) * nll + smoothing * uniform).sum()
+
+
 class GenerativeRecommender(L.LightningModule):
     """A causal LLM that names the next item by its code tokens.
 
@@ -88,6 +104,9 @@ class GenerativeRecommender(L.LightningModule):
         mask_history: never recommend items the user already interacted with, the policy of this repository's ID
             baselines (their ``mask_history``); the default ranks them, as LC-Rec does. They are excluded inside
             the constrained beam search, so all ``eval_top_k`` slots hold unseen items.
+        label_smoothing: share of each target's probability mass spread uniformly over the tokens the position
+            may emit: a code's trie continuations under ``code_softmax: trie``, the vocabulary otherwise (PyTorch's
+            ``label_smoothing``). 0 is the plain likelihood (LC-Rec).
     """
 
     def __init__(
@@ -112,6 +131,7 @@ class GenerativeRecommender(L.LightningModule):
         eval_top_k: int = 20,
         code_softmax: Literal["vocabulary", "trie"] = "vocabulary",
         mask_history: bool = False,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if (model_path is None) == (llama_config is None):
@@ -122,6 +142,8 @@ class GenerativeRecommender(L.LightningModule):
             raise ValueError("choose one training mode: `lora: true` (adapters + new token rows) or `full_finetune: true`")
         if eval_top_k > num_beams or eval_top_k < TopKMetrics().max_k:
             raise ValueError(f"eval_top_k must be in [{TopKMetrics().max_k}, num_beams={num_beams}], got {eval_top_k}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if code_softmax == "trie" and not full_finetune:
             raise ValueError("code_softmax: trie reads the LM head's code rows directly; with LoRA they live in peft's "
                              "trainable-token wrapper. Use full_finetune: true, or code_softmax: vocabulary.")
@@ -285,7 +307,7 @@ class GenerativeRecommender(L.LightningModule):
         if self.hparams.code_softmax == "trie":
             return self._trie_loss(lm, hidden[:, :-1], targets, supervised)
         logits = lm.get_output_embeddings()(hidden[:, :-1][supervised])
-        return F.cross_entropy(logits.float(), targets[supervised])
+        return F.cross_entropy(logits.float(), targets[supervised], label_smoothing=self.hparams.label_smoothing)
 
     @staticmethod
     def _tree_mask(lm: nn.Module, mask: torch.Tensor) -> torch.Tensor:
@@ -327,10 +349,11 @@ class GenerativeRecommender(L.LightningModule):
             rows, cols, state = rows[valid], cols[valid], state[valid]
             logits = (hidden[rows, cols] @ code_rows[d].T).float()
             logits = logits.masked_fill(~trie.allowed[state, : code_rows[d].shape[0]], -float("inf"))
-            total = total + F.cross_entropy(logits, slots[d, rows, cols], reduction="sum")
+            total = total + smoothed_cross_entropy(logits, slots[d, rows, cols], self.hparams.label_smoothing)
             coded[rows, cols] = True
         is_text = supervised & ~coded & ~closes_code
-        total = total + F.cross_entropy(head(hidden[is_text]).float(), targets[is_text], reduction="sum")
+        total = total + F.cross_entropy(head(hidden[is_text]).float(), targets[is_text], reduction="sum",
+                                        label_smoothing=self.hparams.label_smoothing)
         return total / (coded | is_text).sum().clamp(min=1)
 
     def on_train_epoch_start(self) -> None:

@@ -326,8 +326,12 @@ def test_mlp_code_embedding_init(synthetic_dir, tmp_path):
         module._init_code_embeddings(model, bare, table)
 
 
-def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
-    """``code_softmax: trie``: a code target among its prefix's continuations, code-closing EOS skipped, text over the vocabulary."""
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path, smoothing):
+    """``code_softmax: trie``: a code target among its prefix's continuations, code-closing EOS skipped, text over the vocabulary.
+
+    With label smoothing, a code's uniform share covers its trie continuations only and a text token's the vocabulary.
+    """
     from types import SimpleNamespace
 
     import torch.nn.functional as F
@@ -338,7 +342,8 @@ def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
     dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=1, seed=3)
     dm.setup("fit")
     torch.manual_seed(0)
-    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_softmax="trie")
+    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_softmax="trie",
+                                   label_smoothing=smoothing)
     module._trainer = SimpleNamespace(datamodule=dm)
     module.setup("fit")
     module.configure_model()
@@ -368,18 +373,20 @@ def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
             h = hidden[b, t]
             if target in code_tokens:
                 allowed = children[tuple(previous)]
-                terms.append(F.cross_entropy((weight[allowed] @ h)[None], torch.tensor([allowed.index(target)])))
+                terms.append(F.cross_entropy((weight[allowed] @ h)[None], torch.tensor([allowed.index(target)]), label_smoothing=smoothing))
                 previous.append(target)
                 code_terms += 1
             elif target == tokenizer.eos_token_id and previous:
                 continue  # the EOS after a code: forced by the trie, not trained
             else:
-                terms.append(F.cross_entropy((weight @ h)[None], torch.tensor([target])))
+                terms.append(F.cross_entropy((weight @ h)[None], torch.tensor([target]), label_smoothing=smoothing))
     assert code_terms == 3 * 6 + 3 * sum(isinstance(r, int) for r in tasks.render(rows[6:])[1])
     torch.testing.assert_close(loss.detach(), torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
     behaviour_only = module.response_loss(tasks.train_batch(rows[:6]))  # no text position: that term is an empty sum
     torch.testing.assert_close(behaviour_only.detach(), torch.stack(terms[: 3 * 6]).mean(), atol=1e-5, rtol=1e-5)
     assert module.renormalize_codes
+    with pytest.raises(ValueError, match="label_smoothing"):
+        GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, label_smoothing=1.0)
     with pytest.raises(ValueError, match="full_finetune"):
         GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, code_softmax="trie")
     # ZeRO-3 shards the LM head outside module calls, where the trie loss reads its rows: refused up front
