@@ -94,6 +94,7 @@ class GenerativeRecommender(L.LightningModule):
         load_dtype: dtype of pretrained weights (``auto`` keeps the checkpoint's).
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay (matrices only, as in the HF Trainer).
+        adam_betas: AdamW's ``(beta1, beta2)``; torch's and the HF Trainer's default ``(0.9, 0.999)``.
         warmup_steps: linear warm-up steps, then cosine decay to 0 at the end of the run: the last step of
             ``max_epochs``/``max_steps``, or ``trainer.max_time`` if that comes first.
         num_beams: beam width of constrained decoding.
@@ -126,6 +127,7 @@ class GenerativeRecommender(L.LightningModule):
         load_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         lr: float = 3e-4,
         weight_decay: float = 0.01,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 100,
         num_beams: int = 20,
         eval_top_k: int = 20,
@@ -144,6 +146,8 @@ class GenerativeRecommender(L.LightningModule):
             raise ValueError(f"eval_top_k must be in [{TopKMetrics().max_k}, num_beams={num_beams}], got {eval_top_k}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not all(0.0 <= beta < 1.0 for beta in adam_betas):
+            raise ValueError(f"adam_betas must both be in [0, 1), got {adam_betas}")
         if code_softmax == "trie" and not full_finetune:
             raise ValueError("code_softmax: trie reads the LM head's code rows directly; with LoRA they live in peft's "
                              "trainable-token wrapper. Use full_finetune: true, or code_softmax: vocabulary.")
@@ -421,6 +425,6 @@ class GenerativeRecommender(L.LightningModule):
         params = [param for param in self.parameters() if param.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = adamw(self._trainer, [group for group in groups if group["params"]], lr=hp.lr)
+        optimizer = adamw(self._trainer, [group for group in groups if group["params"]], lr=hp.lr, betas=hp.adam_betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.trainer, hp.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

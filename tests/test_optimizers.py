@@ -30,6 +30,10 @@ def test_fused_on_cpu_and_the_same_update_as_the_default_loop():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_betas_reach_the_optimizer():
+    assert adamw(None, params(), lr=1e-3, betas=[0.9, 0.95]).defaults["betas"] == (0.9, 0.95)  # a YAML list works too
+
+
 def test_integer_or_meta_parameters_fall_back_to_the_default_implementation():
     meta = torch.nn.Parameter(torch.empty(3, device="meta"))
     assert not adamw(None, [meta], lr=1e-3).defaults["fused"]
@@ -46,8 +50,8 @@ def test_deepspeed_offload_gets_deepspeed_cpu_adam(monkeypatch):
     built = {}
 
     class FakeCPUAdam(torch.optim.Optimizer):  # the real one compiles a C++ op on first use
-        def __init__(self, groups, lr, weight_decay, adamw_mode):
-            built.update(lr=lr, weight_decay=weight_decay, adamw_mode=adamw_mode)
+        def __init__(self, groups, lr, betas, weight_decay, adamw_mode):
+            built.update(lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=adamw_mode)
             super().__init__(groups, {"lr": lr})
 
     fake = types.ModuleType("deepspeed.ops.adam")
@@ -55,7 +59,7 @@ def test_deepspeed_offload_gets_deepspeed_cpu_adam(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", fake)
     offloaded, sharded = deepspeed_trainer(True), deepspeed_trainer(False)
     assert offloads_optimizer(offloaded) and not offloads_optimizer(sharded) and not offloads_optimizer(None)
-    assert isinstance(adamw(offloaded, params(), lr=2e-4, weight_decay=0.01), FakeCPUAdam)
-    assert built == {"lr": 2e-4, "weight_decay": 0.01, "adamw_mode": True}
+    assert isinstance(adamw(offloaded, params(), lr=2e-4, weight_decay=0.01, betas=(0.9, 0.95)), FakeCPUAdam)
+    assert built == {"lr": 2e-4, "betas": (0.9, 0.95), "weight_decay": 0.01, "adamw_mode": True}
     plain = adamw(sharded, params(), lr=1e-3)  # ZeRO steps its own flat partitions: torch's default implementation
     assert type(plain) is torch.optim.AdamW and not plain.defaults["fused"]

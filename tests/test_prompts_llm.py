@@ -387,6 +387,8 @@ def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path, smoothing):
     assert module.renormalize_codes
     with pytest.raises(ValueError, match="label_smoothing"):
         GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="adam_betas"):
+        GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, adam_betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="full_finetune"):
         GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, code_softmax="trie")
     # ZeRO-3 shards the LM head outside module calls, where the trie loss reads its rows: refused up front
