@@ -56,6 +56,15 @@ def mlp_projection(dims: list[int], seed: int = 0) -> nn.Sequential:
         return nn.Sequential(*layers)
 
 
+def orthogonal_map(dim_in: int, dim_out: int, seed: int = 0) -> torch.Tensor:
+    """A seeded ``[dim_in, dim_out]`` matrix with orthonormal rows (columns if ``dim_in > dim_out``): for
+    ``dim_in <= dim_out``, ``x @ Q`` keeps every inner product of the ``x``; the global RNG is untouched."""
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(max(dim_in, dim_out), min(dim_in, dim_out), generator=generator)
+    q, _ = torch.linalg.qr(gaussian)  # orthonormal columns
+    return q.T if dim_in <= dim_out else q
+
+
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Summed label-smoothed cross-entropy where ``-inf`` logits mark classes the position cannot emit.
 
@@ -88,7 +97,11 @@ class GenerativeRecommender(L.LightningModule):
         lora_target_modules: module names to adapt (default: every Llama attention and MLP projection).
         full_finetune: train every weight (LC-Rec); exclusive with ``lora``.
         code_embedding_init: ``random`` (HF resizing), or ``mlp2``/``mlp3``: new input rows from the stage-2
-            codebook vectors (``codebook.pt`` of the index directory) through a 2-/3-layer MLP.
+            codebook vectors (``codebook.pt`` of the index directory) through a 2-/3-layer MLP, or ``linear``:
+            through a fixed orthogonal map, which keeps the vectors' inner products (an item's code rows then sum
+            to its behaviour embedding, so co-interacted items start close).
+        init_code_head: also write the initialised code rows into an untied LM head, so the output code rows
+            start with the same geometry as the input ones (ignored with ``code_embedding_init: random``).
         gradient_checkpointing: recompute activations in the backward pass (long prompts, 7B models).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
         load_dtype: dtype of pretrained weights (``auto`` keeps the checkpoint's).
@@ -121,7 +134,8 @@ class GenerativeRecommender(L.LightningModule):
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] | None = None,
         full_finetune: bool = False,
-        code_embedding_init: Literal["random", "mlp2", "mlp3"] = "random",
+        code_embedding_init: Literal["random", "mlp2", "mlp3", "linear"] = "random",
+        init_code_head: bool = False,
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
         load_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
@@ -215,7 +229,7 @@ class GenerativeRecommender(L.LightningModule):
         return bool(getattr(getattr(self._trainer, "strategy", None), "zero_stage_3", False))
 
     def _init_code_embeddings(self, model: nn.Module, index, token_ids: torch.Tensor) -> None:
-        """Table 7: new input rows = MLP(code vector), rescaled to the statistics of the original rows."""
+        """Table 7: new input rows = MLP(code vector) (or an orthogonal map of it), at the original rows' scale."""
         if index.codebook_path is None:
             raise ValueError(
                 f"code_embedding_init={self.hparams.code_embedding_init!r} needs the code vectors: point data.init_args.index "
@@ -225,19 +239,35 @@ class GenerativeRecommender(L.LightningModule):
         levels, size, dim = books.shape
         weight = model.get_input_embeddings().weight
         width = model.get_input_embeddings().embedding_dim  # weight.shape is (0,) under ZeRO-3 sharding
-        hidden = int(math.sqrt(dim * width))
-        dims = [dim, hidden, width] if self.hparams.code_embedding_init == "mlp2" else [dim, hidden, hidden, width]
+        targets = [weight]
+        head = model.get_output_embeddings()
+        if self.hparams.init_code_head and head is not None and head.weight is not weight:
+            targets.append(head.weight)
         gathered = contextlib.nullcontext()
         if self._zero_stage_3():  # write the rows into the full matrix, then re-shard it (rank 0's values win)
             import deepspeed
 
-            gathered = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
+            gathered = deepspeed.zero.GatheredParameters(targets, modifier_rank=0)
         with gathered, torch.no_grad():
-            rows = mlp_projection(dims)(books.reshape(-1, dim))
             old = weight[: min(self.code_token_ids)].float()  # the original vocabulary
-            rows = (rows - rows.mean()) / rows.std().clamp_min(1e-8) * old.std() + old.mean(0)
-            weight[token_ids[:levels, :size].reshape(-1)] = rows.to(weight.dtype)
-        log.info("initialised %d code-token embeddings from %dx%d code vectors via %s", levels * size, levels, size, dims)
+            vectors = books.reshape(-1, dim)
+            if self.hparams.code_embedding_init == "linear":
+                how = f"an orthogonal {dim}x{width} map"
+                rows = vectors @ orthogonal_map(dim, width)
+                # one scale for every level keeps the vectors' geometry (the residual levels stay smaller)
+                rows = rows / rows.pow(2).mean().sqrt().clamp_min(1e-8) * old.std() + old.mean(0)
+            else:
+                hidden = int(math.sqrt(dim * width))
+                dims = [dim, hidden, width] if self.hparams.code_embedding_init == "mlp2" else [dim, hidden, hidden, width]
+                how = f"an MLP {dims}"
+                rows = mlp_projection(dims)(vectors)
+                rows = (rows - rows.mean()) / rows.std().clamp_min(1e-8) * old.std() + old.mean(0)
+            code_rows = token_ids[:levels, :size].reshape(-1)
+            for target in targets:
+                scale = target[: min(self.code_token_ids)].float().std() / old.std()  # the head's own init scale
+                target[code_rows] = (rows * scale).to(target.dtype)
+        log.info("initialised %d code-token rows (%s) from %dx%d code vectors via %s", levels * size,
+                 "input and LM head" if len(targets) > 1 else "input", levels, size, how)
 
     def configure_model(self) -> None:
         if self.model is not None:

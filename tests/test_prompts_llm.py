@@ -326,6 +326,39 @@ def test_mlp_code_embedding_init(synthetic_dir, tmp_path):
         module._init_code_embeddings(model, bare, table)
 
 
+@pytest.mark.parametrize("init_code_head", [False, True])
+def test_linear_code_embedding_init_keeps_the_code_geometry(synthetic_dir, tmp_path, init_code_head):
+    """``linear``: the code rows' inner products are the code vectors' up to one scale; the untied head follows on request."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    catalogue = load_lcrec(synthetic_dir, "Synthetic")
+    index = load_item_index(write_export(tmp_path / "export", catalogue), catalogue)
+    tokenizer = llama_tokenizer()
+    tokenizer.add_tokens(index.vocabulary())
+    table = torch.from_numpy(index.level_token_ids(tokenizer.get_vocab()))
+    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True,
+                                   code_embedding_init="linear", init_code_head=init_code_head)
+    module.code_token_ids = table.flatten().tolist()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **TINY_LLAMA))
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    embeddings_before = model.get_input_embeddings().weight.detach().clone()
+    module._init_code_embeddings(model, index, table)
+    rows = model.get_input_embeddings().weight.detach()
+    vectors = torch.load(index.codebook_path, weights_only=True)["quantizer_state"]["codebooks"].reshape(-1, 16)
+    centred = rows[table[:, :8].reshape(-1)] - embeddings_before[:32000].mean(0)
+    gram, expected = centred @ centred.T, vectors @ vectors.T
+    scale = gram.diagonal().sum() / expected.diagonal().sum()
+    torch.testing.assert_close(gram, scale * expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(rows[:32000], embeddings_before[:32000])
+    assert rows[32000:].pow(2).mean().sqrt() == pytest.approx(embeddings_before[:32000].std().item(), rel=0.15)
+    head = model.get_output_embeddings().weight.detach()
+    if init_code_head:
+        head_scale = head_before[:32000].std() / embeddings_before[:32000].std()
+        torch.testing.assert_close(head[table[:, :8].reshape(-1)], rows[table[:, :8].reshape(-1)] * head_scale)
+    else:
+        assert torch.equal(head, head_before)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path, smoothing):
     """``code_softmax: trie``: a code target among its prefix's continuations, code-closing EOS skipped, text over the vocabulary.
