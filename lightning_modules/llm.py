@@ -5,7 +5,8 @@
 1. the tokenizer (``tokenizer_path`` or ``model_path``); one without a pad token gets ``<pad>``;
 2. the index's code tokens (``L x K``, plus an extra disambiguation level if any) are added, the embeddings
    resized (HF mean-resizing for pretrained models); optionally the new input rows are initialised from the
-   stage-2 code vectors through a random 2-/3-layer MLP (the paper's Table 7 ablation, reported worse);
+   stage-2 code vectors through a random 2-/3-layer MLP (the paper's Table 7 ablation, reported worse) or a fixed
+   orthogonal map (:mod:`lightning_modules.components.code_embeddings`);
 3. LoRA (peft) on ``lora_target_modules`` with ``trainable_token_indices`` on the input embedding and LM head:
    only the rows of the new code tokens are trainable in the embedding and the LM head (peft keeps them as
    separate parameters and swaps them in; tied embeddings are handled by peft), so the 32k original rows
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any, Literal
 
 import lightning as L
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
+from lightning_modules.components.code_embeddings import code_rows
 from lightning_modules.metrics import TopKMetrics
 from lightning_modules.optimizers import adamw
 from lightning_modules.schedules import warmup_cosine
@@ -44,25 +45,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_TOKEN = "<pad>"
-
-
-def mlp_projection(dims: list[int], seed: int = 0) -> nn.Sequential:
-    """A GELU MLP with the given layer widths, initialised from ``seed`` without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        for i, (width_in, width_out) in enumerate(zip(dims[:-1], dims[1:])):
-            layers += [nn.Linear(width_in, width_out)] + ([nn.GELU()] if i < len(dims) - 2 else [])
-        return nn.Sequential(*layers)
-
-
-def orthogonal_map(dim_in: int, dim_out: int, seed: int = 0) -> torch.Tensor:
-    """A seeded ``[dim_in, dim_out]`` matrix with orthonormal rows (columns if ``dim_in > dim_out``): for
-    ``dim_in <= dim_out``, ``x @ Q`` keeps every inner product of the ``x``; the global RNG is untouched."""
-    generator = torch.Generator().manual_seed(seed)
-    gaussian = torch.randn(max(dim_in, dim_out), min(dim_in, dim_out), generator=generator)
-    q, _ = torch.linalg.qr(gaussian)  # orthonormal columns
-    return q.T if dim_in <= dim_out else q
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -250,22 +232,11 @@ class GenerativeRecommender(L.LightningModule):
             gathered = deepspeed.zero.GatheredParameters(targets, modifier_rank=0)
         with gathered, torch.no_grad():
             old = weight[: min(self.code_token_ids)].float()  # the original vocabulary
-            vectors = books.reshape(-1, dim)
-            if self.hparams.code_embedding_init == "linear":
-                how = f"an orthogonal {dim}x{width} map"
-                rows = vectors @ orthogonal_map(dim, width)
-                # one scale for every level keeps the vectors' geometry (the residual levels stay smaller)
-                rows = rows / rows.pow(2).mean().sqrt().clamp_min(1e-8) * old.std() + old.mean(0)
-            else:
-                hidden = int(math.sqrt(dim * width))
-                dims = [dim, hidden, width] if self.hparams.code_embedding_init == "mlp2" else [dim, hidden, hidden, width]
-                how = f"an MLP {dims}"
-                rows = mlp_projection(dims)(vectors)
-                rows = (rows - rows.mean()) / rows.std().clamp_min(1e-8) * old.std() + old.mean(0)
-            code_rows = token_ids[:levels, :size].reshape(-1)
+            rows, how = code_rows(books.reshape(-1, dim), self.hparams.code_embedding_init, width, old)
+            code_token_rows = token_ids[:levels, :size].reshape(-1)
             for target in targets:
                 scale = target[: min(self.code_token_ids)].float().std() / old.std()  # the head's own init scale
-                target[code_rows] = (rows * scale).to(target.dtype)
+                target[code_token_rows] = (rows * scale).to(target.dtype)
         log.info("initialised %d code-token rows (%s) from %dx%d code vectors via %s", levels * size,
                  "input and LM head" if len(targets) > 1 else "input", levels, size, how)
 
