@@ -119,7 +119,8 @@ class PromptTasks:
         pack: 0 keeps one sample per row; ``n >= 1`` makes the training unit a *pack*
             (:mod:`datamodules.packing`): up to ``n`` consecutive training prefixes of one user with their
             negatives share one row as a prefix tree (the history once; ``1`` = a sequential sample and its
-            negatives); text and query samples are packs of one. A pack draws one template for all its samples
+            negatives); text and query samples are packed in random groups of the mean behaviour pack's size, so
+            each task keeps its share of the optimiser steps (batches count packs). A pack draws one template for all its samples
             (negatives take the sequential template's negative twin when it has one, so each wording's marginal
             stays uniform), so they share the prompt up to the question. The loss of every sample is unchanged.
     """
@@ -225,11 +226,20 @@ class PromptTasks:
         prefix = np.cumsum(new_source) - 1
         prefix_in_user = prefix - np.maximum.accumulate(np.where(new_user, prefix, 0))
         starts = np.flatnonzero(new_user | (new_source & (prefix_in_user % self.pack == 0)))
-        others = np.flatnonzero(self.task > NEGATIVE_TASK)
+        # Text and query samples are packed too, as many random ones of a task per pack as a behaviour pack holds
+        # on average: batches count packs, so packs of one would hand these tasks (1 + ratio) x pack times their
+        # share of the optimiser steps (at 1:3 and pack 1, text 0.1 would train like text 0.4). They share the frame.
+        group = max(1, round(len(behaviour) / len(starts))) if len(starts) else 1
+        other_rows, other_starts = [], []
+        for task in (TEXT_TASK, QUERY_TASK):
+            rows = rng.permutation(np.flatnonzero(self.task == task))
+            other_starts.append(len(behaviour) + sum(map(len, other_rows)) + np.arange(0, len(rows), group))
+            other_rows.append(rows)
+        others = np.concatenate(other_rows)
         self.pack_rows = np.concatenate([behaviour, others])
-        self.pack_offsets = np.r_[starts, len(behaviour) + np.arange(len(others) + 1)].astype(np.int64)
+        self.pack_offsets = np.r_[starts, *other_starts, len(self.pack_rows)].astype(np.int64)
         prefixes = np.add.reduceat(new_source.astype(np.int64), starts) if len(starts) else starts
-        self.pack_prefixes = np.r_[prefixes, np.ones(len(others), dtype=np.int64)]
+        self.pack_prefixes = np.r_[prefixes, np.zeros(sum(map(len, other_starts)), dtype=np.int64)]  # 0: not behaviour
         # one draw per pack: the sequential template t % 4; negatives take NEGATIVE[t % 4], the same wording up
         # to the question, when it exists (t % 4 < 3) and else a uniform one, so P(NEGATIVE[k]) = 1/4 + 1/12 = 1/3
         pack_of_row = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(behaviour)]))
@@ -276,8 +286,10 @@ class PromptTasks:
         if len(self) == 0:
             return lengths[:0]
         starts, sizes = self.pack_offsets[:-1], np.diff(self.pack_offsets)
-        return (np.maximum.reduceat(lengths[self.pack_rows], starts) + (sizes - 1) * (self.item_index.tokens_per_item + 2)
-                + (self.pack_prefixes - 1) * 30)
+        behaviour = (np.maximum.reduceat(lengths[self.pack_rows], starts) + (sizes - 1) * (self.item_index.tokens_per_item + 2)
+                     + (self.pack_prefixes - 1) * 30)
+        # a text/query pack shares only the frame: its samples' lengths add up
+        return np.where(self.pack_prefixes > 0, behaviour, np.add.reduceat(lengths[self.pack_rows], starts))
 
     # ------------------------------------------------------------------------------------- rendering
     def history_text(self, history: np.ndarray) -> str:

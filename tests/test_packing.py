@@ -61,10 +61,13 @@ def test_packs_cover_the_plan_with_aligned_templates(packed_dm):
         assert sorted(tasks.pack_rows.tolist()) == list(range(len(tasks.task)))  # every sample in exactly one pack
         assert len(tasks) == len(tasks.pack_offsets) - 1 and len(tasks.approx_lengths()) == len(tasks)
         prefixes_per_user: dict[int, list[int]] = {}
-        for rows in tasks.unit_rows(np.arange(len(tasks))):
+        units = tasks.unit_rows(np.arange(len(tasks)))
+        behaviour_sizes = [len(rows) for rows in units if tasks.task[rows[0]] <= NEGATIVE_TASK]
+        group = round(np.mean(behaviour_sizes))
+        for rows in units:
             task = tasks.task[rows]
-            if task[0] > NEGATIVE_TASK:
-                assert len(rows) == 1  # text / query samples are packs of one
+            if task[0] > NEGATIVE_TASK:  # text / query samples: packs of one task, the mean behaviour pack's size
+                assert (task == task[0]).all() and 1 <= len(rows) <= group
                 continue
             sources = list(dict.fromkeys(tasks.source[rows].tolist()))
             assert (task <= NEGATIVE_TASK).all() and 1 <= len(sources) <= tasks.pack
@@ -76,6 +79,10 @@ def test_packs_cover_the_plan_with_aligned_templates(packed_dm):
             negative = set(tasks.template[rows[task == NEGATIVE_TASK]] % len(NEGATIVE))
             assert len(sequential) == len(negative) == 1  # one template draw per pack
             assert min(sequential) >= len(NEGATIVE) or negative == sequential
+        # each task keeps (about) its share of the samples as its share of the packs, i.e. of the optimiser steps
+        text_packs = sum(tasks.task[rows[0]] == TEXT_TASK for rows in units)
+        text_samples = int((tasks.task == TEXT_TASK).sum())
+        assert text_samples > 0 and text_packs / len(units) == pytest.approx(text_samples / len(tasks.task), rel=0.35)
         for user, sizes in prefixes_per_user.items():  # full packs first; a user's prefixes are never split further
             total = int((train.user == user).sum())
             assert sum(sizes) == total and len(sizes) == -(-total // tasks.pack)
