@@ -120,9 +120,10 @@ class PromptTasks:
             (:mod:`datamodules.packing`): up to ``n`` consecutive training prefixes of one user with their
             negatives share one row as a prefix tree (the history once; ``1`` = a sequential sample and its
             negatives); text and query samples are packed in random groups of the mean behaviour pack's size, so
-            each task keeps its share of the optimiser steps (batches count packs). A pack draws one template for all its samples
-            (negatives take the sequential template's negative twin when it has one, so each wording's marginal
-            stays uniform), so they share the prompt up to the question. The loss of every sample is unchanged.
+            each task keeps its share of the optimiser steps (batches count packs). A pack draws one template for
+            all its samples (negatives take the sequential template's negative twin when it has one, so each
+            wording's marginal stays uniform), so they share the prompt up to the question. The loss of every
+            sample is unchanged.
     """
 
     def __init__(self, catalogue: Catalogue, split: LeaveLastOutSplit, item_index: ItemIndex, weights: TaskWeights,
