@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.artifacts import atomic_write_json, sha256_files
+from datamodules.errors import SemConvError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 MIN_SEQUENCE_LENGTH = 3
 
 
-class DataFormatError(ValueError):
+class DataFormatError(SemConvError):
     """Input data that cannot be used as given; the message names the file, the field and the fix."""
 
 

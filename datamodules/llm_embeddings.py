@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.artifacts import atomic_write, read_manifest, write_manifest
+from datamodules.errors import SemConvError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 CACHE_FILE = "llm_embeddings.pt"
 
 
-class LLMDirectoryError(ValueError):
+class LLMDirectoryError(SemConvError):
     """An LLM directory that lacks what the LLM embeddings need (tokenizer, input embedding matrix)."""
 
 

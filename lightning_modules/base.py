@@ -14,11 +14,12 @@ from typing import Any
 import lightning as L
 import torch
 
+from datamodules.errors import SemConvError
 from lightning_modules.metrics import TopKMetrics, rank_of_target
 from lightning_modules.optimizers import adamw
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(SemConvError):
     """A checkpoint trained on a different dataset (or catalogue size) than the one configured."""
 
 

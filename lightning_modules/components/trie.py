@@ -27,8 +27,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from transformers import LogitsProcessor
 
+from datamodules.errors import SemConvError
 
-class CodeCollisionError(ValueError):
+
+class CodeCollisionError(SemConvError):
     """Two items share a full code tuple, so generated codes could not be mapped back to one item."""
 
 
