@@ -23,7 +23,6 @@ transformers has no option to restrict ``generate`` to a sub-vocabulary (``Prefi
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,18 +57,17 @@ def build_view(trie: CodeTrie, prompts: torch.Tensor, special_ids: Sequence[int]
     """The view for one ``generate`` call: the trie's tokens, ``special_ids`` and every token of ``prompts``.
 
     One ``unique`` per call (a device->host sync per batch, none per decoding step). ``trie`` must be on the prompts'
-    device (``generate_topk`` moves it there); the view's trie shares its node tables.
+    device; the view's trie shares its node tables.
     """
     device = prompts.device
     specials = torch.tensor([trie.eos_token_id, *special_ids], dtype=torch.long, device=device)
     table = torch.unique(torch.cat([*trie.level_tokens, specials, prompts.flatten().long()]))
-    view_trie = copy.copy(trie)  # same nodes and slots; only the token ids change
-    view_trie.level_tokens = [torch.searchsorted(table, tokens) for tokens in trie.level_tokens]
-    view_trie.token_slot = torch.full((trie.code_length, table.numel()), -1, dtype=torch.long, device=device)
-    for depth, tokens in enumerate(view_trie.level_tokens):
-        view_trie.token_slot[depth, tokens] = torch.arange(tokens.numel(), device=device)
-    view_trie.eos_token_id = int(torch.searchsorted(table, specials[:1]))
-    return VocabularyView(table, view_trie)
+    level_tokens = [torch.searchsorted(table, tokens) for tokens in trie.level_tokens]
+    token_slot = torch.full((trie.code_length, table.numel()), -1, dtype=torch.long, device=device)
+    for depth, tokens in enumerate(level_tokens):
+        token_slot[depth, tokens] = torch.arange(tokens.numel(), device=device)
+    eos = int(torch.searchsorted(table, specials[:1]))
+    return VocabularyView(table, trie.rekeyed(level_tokens, token_slot, eos))
 
 
 class _ViewEmbedding(nn.Module):
@@ -109,7 +107,7 @@ class _ViewHead(nn.Module):
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The HF ``*ForCausalLM`` under a peft wrapper (or the model itself)."""
+    """The HF ``*ForCausalLM`` under a peft wrapper (or the model itself): the one place that unwraps peft."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
