@@ -38,7 +38,7 @@ class BeamSearchEvaluator(L.Callback):
     * ``beam_test_metrics.json`` (rank 0): the metrics, the number of users evaluated and the dataset size;
     * ``topk_test.rank{R}.jsonl`` (every rank): the users that rank evaluated, their top-K items and scores, the
       pre-cache input. The eval loaders use an unrepeated sampler under DDP, so the shards hold every user once
-      (checked: the summed user count must equal the dataset size).
+      (a summed user count other than the dataset size is logged).
 
     Args:
         output_dir: destination directory (default: the run directory, resolved in ``setup`` on every rank since
@@ -67,11 +67,18 @@ class BeamSearchEvaluator(L.Callback):
         self.users, self.items, self.scores = [], [], []
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if not isinstance(outputs, BeamBatchResult) or outputs.ranks is None:
-            raise TypeError(f"BeamSearchEvaluator needs test_step to return a ranked BeamBatchResult, got {type(outputs).__name__}")
+            raise TypeError(
+                f"BeamSearchEvaluator needs test_step to return a ranked BeamBatchResult, got {type(outputs).__name__}"
+            )
         self.metric.update(outputs.ranks)
         # one host copy per batch, after generation has already synchronised
         self.users += batch["user"].tolist()
@@ -92,10 +99,16 @@ class BeamSearchEvaluator(L.Callback):
             user_ids = [int(catalogue.user_ids[user]) for user in self.users] if catalogue is not None else self.users
             write_topk(self.directory / f"topk_test.rank{trainer.global_rank}.jsonl", user_ids, self.items, self.scores)
         if trainer.is_global_zero:
-            atomic_write_json(self.directory / "beam_test_metrics.json", {
-                "metrics": self.results, "users": int(count), "dataset_size": expected, "world_size": trainer.world_size,
-                "global_step": trainer.global_step,
-            })
+            atomic_write_json(
+                self.directory / "beam_test_metrics.json",
+                {
+                    "metrics": self.results,
+                    "users": int(count),
+                    "dataset_size": expected,
+                    "world_size": trainer.world_size,
+                    "global_step": trainer.global_step,
+                },
+            )
         if _distributed():
             dist.barrier()  # every shard is on disk when any rank returns
 

@@ -32,7 +32,9 @@ def write_topk(
 
     def write(handle) -> None:
         for row, (user, row_items) in enumerate(zip(user_ids, items)):
-            keep = [n for n, item in enumerate(row_items) if item >= 0 and (scores is None or math.isfinite(scores[row][n]))]
+            keep = [
+                n for n, item in enumerate(row_items) if item >= 0 and (scores is None or math.isfinite(scores[row][n]))
+            ]
             record: dict[str, Any] = {"user": int(user), "items": [int(row_items[n]) for n in keep]}
             if scores is not None:
                 record["scores"] = [round(float(scores[row][n]), 6) for n in keep]
@@ -70,4 +72,6 @@ class TopKWriter(BasePredictionWriter):
         items = torch.cat([batch["items"] for batch in batches]).tolist()
         scores = torch.cat([batch["scores"] for batch in batches]).tolist() if "scores" in batches[0] else None
         user_ids = trainer.datamodule.catalogue.user_ids
-        write_topk(self.directory / f"top_k.rank{trainer.global_rank}.jsonl", [user_ids[u] for u in users], items, scores)
+        write_topk(
+            self.directory / f"top_k.rank{trainer.global_rank}.jsonl", [user_ids[u] for u in users], items, scores
+        )

@@ -66,27 +66,30 @@ class GenerativeRecommender(L.LightningModule):
         llama_config: ``transformers.LlamaConfig`` fields of a model built from scratch (CPU runs); the
             vocabulary size is set from the tokenizer.
         lora: train LoRA adapters plus the new token rows (the paper); exclusive with ``full_finetune``.
-        lora_rank: LoRA rank ``r``.
-        lora_alpha: LoRA scaling ``alpha``.
-        lora_dropout: dropout on the LoRA path.
+        lora_rank: LoRA rank ``r``: the adapters' capacity (the paper: 8).
+        lora_alpha: LoRA scaling ``alpha``: the adapters' update size relative to ``r``.
+        lora_dropout: dropout on the LoRA path, against overfitting the adapters.
         lora_target_modules: module names to adapt (default: every Llama attention and MLP projection).
         full_finetune: train every weight (LC-Rec); exclusive with ``lora``.
         code_embedding_init: ``random`` (HF resizing, the paper's choice), or ``mlp2``/``mlp3``: new input rows from
             the stage-2 codebook vectors (``codebook.pt`` of the index directory) through a 2-/3-layer MLP, the
             paper's Table 7 ablation.
         gradient_checkpointing: recompute activations in the backward pass (long prompts, 7B models).
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
-        load_dtype: dtype of pretrained weights (``auto`` keeps the checkpoint's).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (GPUs; packed batches need sdpa or eager).
+        load_dtype: dtype of pretrained weights (``auto`` keeps the checkpoint's; bf16 halves a 7B model's memory).
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay (matrices only, as in the HF Trainer).
-        adam_betas: AdamW's ``(beta1, beta2)``; torch's and the HF Trainer's default ``(0.9, 0.999)``.
+        adam_betas: AdamW's ``(beta1, beta2)``, e.g. LLM fine-tuning's ``(0.9, 0.95)``; default torch's and the HF
+            Trainer's ``(0.9, 0.999)`` (LC-Rec).
         warmup_steps: linear warm-up steps, then cosine decay to 0 at the end of the run: the last step of
             ``max_epochs``/``max_steps``, or ``trainer.max_time`` if that comes first.
         num_beams: beam width of constrained decoding.
         eval_top_k: items returned per user (at least 10 for HR@10).
-        code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary) or ``trie``
-            (code targets scored against the trie's continuations of their prefix, beam scores renormalised over
-            the allowed tokens; needs ``full_finetune``, since LoRA keeps the new LM-head rows inside peft's wrapper).
+        code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary; pretrained LLMs)
+            or ``trie`` (code targets scored against the trie's continuations of their prefix, beam scores
+            renormalised over the allowed tokens: the exact item likelihood the decoder ranks by, and a cheaper step
+            for small models trained from scratch; needs ``full_finetune``, since LoRA keeps the new LM-head rows
+            inside peft's wrapper).
         mask_history: never recommend items the user already interacted with, the policy of this repository's ID
             baselines (their ``mask_history``); the default ranks them, as LC-Rec does. They are excluded inside
             the constrained beam search, so all ``eval_top_k`` slots hold unseen items.
@@ -132,7 +135,9 @@ class GenerativeRecommender(L.LightningModule):
                              "trainable-token wrapper. Use full_finetune: true, or code_softmax: vocabulary.")
         self.save_hyperparameters()
         self.lora_target_modules = lora_target_modules or list(DEFAULT_LORA_TARGETS)
-        self.decoding = DecodingConfig(num_beams, eval_top_k, renormalize=code_softmax == "trie", mask_history=mask_history)
+        # beam scores renormalised over the allowed codes when training scored codes that way
+        self.decoding = DecodingConfig(num_beams, eval_top_k, renormalize=code_softmax == "trie",
+                                       mask_history=mask_history)
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.code_trie: CodeTrie | None = None
@@ -212,7 +217,8 @@ class GenerativeRecommender(L.LightningModule):
             old = weight[: min(self.code_token_ids)].float()  # the original vocabulary
             rows, how = code_rows(books.reshape(-1, dim), self.hparams.code_embedding_init, width, old)
             weight[token_ids[:levels, :size].reshape(-1)] = rows.to(weight.dtype)
-        log.info("initialised %d code-token input rows from %dx%d code vectors via %s", levels * size, levels, size, how)
+        log.info("initialised %d code-token input rows from %dx%d code vectors via %s",
+                 levels * size, levels, size, how)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -233,7 +239,8 @@ class GenerativeRecommender(L.LightningModule):
         vocabulary = index.vocabulary()
         tokenizer.add_tokens(vocabulary)
         token_table = index.level_token_ids(tokenizer.get_vocab())  # the one source of the code-token ids
-        self.code_token_ids = [int(token) for level, size in enumerate(index.level_sizes()) for token in token_table[level, :size]]
+        self.code_token_ids = [int(token) for level, size in enumerate(index.level_sizes())
+                               for token in token_table[level, :size]]
         model = self._load_model(tokenizer)
         if hp.code_embedding_init != "random":
             self._init_code_embeddings(model, index, torch.from_numpy(token_table))
@@ -373,7 +380,7 @@ class GenerativeRecommender(L.LightningModule):
         return self.rank_items(batch)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Serving: ``user`` ``[B]`` catalogue rows, their top ``eval_top_k`` ``items`` and beam log-``scores`` ``[B, K]``.
+        """Serving: ``user`` ``[B]`` catalogue rows, their top ``items`` ``[B, eval_top_k]`` and beam log-``scores``.
 
         The user's history is excluded under ``mask_history``; slots without a valid item hold ``-1`` / ``-inf``.
         """

@@ -19,11 +19,20 @@ from tests.test_prompts_llm import TINY_LLAMA, TOKENIZER, _callbacks, require_to
 def tiny_module(synthetic_dir, tmp_path, **model_args) -> tuple[GenerativeRecommender, PromptDataModule]:
     require_tokenizer()
     index = write_index(tmp_path / "index.json", synthetic_codes())
-    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), eval_batch_size=6)
+    dm = PromptDataModule(
+        data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), eval_batch_size=6
+    )
     dm.setup("test")
     torch.manual_seed(0)
-    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True,
-                                   num_beams=12, eval_top_k=10, **model_args)
+    module = GenerativeRecommender(
+        tokenizer_path=str(TOKENIZER),
+        llama_config=TINY_LLAMA,
+        lora=False,
+        full_finetune=True,
+        num_beams=12,
+        eval_top_k=10,
+        **model_args,
+    )
     module._trainer = SimpleNamespace(datamodule=dm)
     module.setup("test")
     module.configure_model()
@@ -42,8 +51,14 @@ def test_predict_step_returns_the_users_top_items_without_their_history(syntheti
     for row in range(6):
         seen = set(batch["seen_items"][batch["seen_rows"] == row].tolist())
         assert seen and not seen & set(out["items"][row].tolist())
-    unmasked = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True,
-                                     num_beams=12, eval_top_k=10)
+    unmasked = GenerativeRecommender(
+        tokenizer_path=str(TOKENIZER),
+        llama_config=TINY_LLAMA,
+        lora=False,
+        full_finetune=True,
+        num_beams=12,
+        eval_top_k=10,
+    )
     assert not unmasked.decoding.mask_history and module.decoding.mask_history and module.decoding.num_beams == 12
 
 
@@ -52,22 +67,56 @@ def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synth
     the same lists and scores."""
     require_tokenizer()
     index = write_index(tmp_path / "index.json", synthetic_codes())
-    common = ("--data.init_args.index", str(index), "--data.init_args.eval_max_users=6", "--data.init_args.test_all_users=false")
+    common = (
+        "--data.init_args.index",
+        str(index),
+        "--data.init_args.eval_max_users=6",
+        "--data.init_args.test_all_users=false",
+    )
     root, export = tmp_path / "fit", tmp_path / "llm"
-    main(["fit", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, root, "--config", str(_callbacks(tmp_path, export)), *common,
-                                "--trainer.max_epochs=1", "--trainer.limit_train_batches=2")])
+    main(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/llm.yaml",
+                synthetic_dir,
+                root,
+                "--config",
+                str(_callbacks(tmp_path, export)),
+                *common,
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=2",
+            ),
+        ]
+    )
     fitted = root / "csv" / "version_0"
     checkpoint = next((fitted / "checkpoints").glob("*.ckpt"))
-    main(["test", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, tmp_path / "test", *common), "--ckpt_path", str(checkpoint)])
+    main(
+        [
+            "test",
+            *tiny_run_args("synthetic/llm.yaml", synthetic_dir, tmp_path / "test", *common),
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
     writer = tmp_path / "writer.yaml"
     writer.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.TopKWriter\n")
-    main(["predict", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, tmp_path / "predict", *common, "--config", str(writer)),
-          "--ckpt_path", str(checkpoint)])
+    main(
+        [
+            "predict",
+            *tiny_run_args("synthetic/llm.yaml", synthetic_dir, tmp_path / "predict", *common, "--config", str(writer)),
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
 
     def lines(path):
         return [json.loads(line) for line in path.read_text().splitlines()]
 
-    final, again = lines(fitted / "topk_test.rank0.jsonl"), lines(tmp_path / "test" / "csv" / "version_0" / "topk_test.rank0.jsonl")
+    final, again = (
+        lines(fitted / "topk_test.rank0.jsonl"),
+        lines(tmp_path / "test" / "csv" / "version_0" / "topk_test.rank0.jsonl"),
+    )
     served = lines(tmp_path / "predict" / "csv" / "version_0" / "top_k.rank0.jsonl")
     assert len(final) == 6 and [line["items"] for line in again] == [line["items"] for line in final]
     assert [line["items"] for line in served] == [line["items"] for line in final]
@@ -79,7 +128,9 @@ def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synth
 def test_testing_without_the_evaluation_callback_is_refused():
     from datamodules.errors import ConfigError
 
-    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True)
+    module = GenerativeRecommender(
+        tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True
+    )
     module._trainer = SimpleNamespace(callbacks=[])
     with pytest.raises(ConfigError, match="callbacks.BeamSearchEvaluator"):
         module.on_test_start()

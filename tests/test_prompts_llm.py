@@ -327,7 +327,8 @@ def test_mlp_code_embedding_init(synthetic_dir, tmp_path):
 
 
 def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
-    """``code_softmax: trie``: a code target among its prefix's continuations, code-closing EOS skipped, text over the vocabulary."""
+    """``code_softmax: trie``: a code target among its prefix's continuations, code-closing EOS skipped, text over the
+    vocabulary."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F

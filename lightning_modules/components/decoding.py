@@ -156,8 +156,10 @@ def generate_topk(
         num_beams, num_return_sequences, max_new_tokens or code_length + 1, pad, eos, getattr(tokenizer, "bos_token_id", None)
     )
     if trie.device != prompts_input_ids.device:
-        raise ValueError(f"the code trie is on {trie.device} but the prompts are on {prompts_input_ids.device}: register the "
-                         "trie as a submodule of the model's LightningModule (Lightning moves it) or call trie.to(device)")
+        raise ValueError(
+            f"the code trie is on {trie.device} but the prompts are on {prompts_input_ids.device}: register the trie "
+            "as a submodule of the model's LightningModule (Lightning moves it) or call trie.to(device)"
+        )
     if processor is not None and exclude is not None:
         raise ValueError("`exclude` needs the built-in trie processor; a custom `processor` cannot apply it")
     blocked = None if exclude is None else trie.blocked_nodes(exclude[0], exclude[1], batch)
@@ -232,7 +234,9 @@ class BeamBatchResult:
     ranks: torch.Tensor | None
 
 
-def beam_eval_batch(model, tokenizer, trie: CodeTrie, batch: dict[str, torch.Tensor], config: DecodingConfig) -> BeamBatchResult:
+def beam_eval_batch(
+    model, tokenizer, trie: CodeTrie, batch: dict[str, torch.Tensor], config: DecodingConfig
+) -> BeamBatchResult:
     """Beam-search one batch of left-padded prompts and rank each row's ``target_item`` among the results.
 
     Args:

@@ -105,9 +105,10 @@ class CodeTrie(nn.Module):
         items_below[0] = len(rows)
         leaf_of_item = torch.full((max(item_ids) + 1,), -1, dtype=torch.long)
         leaf_of_item[torch.tensor(item_ids)] = leaf_rows
+        flat_tokens = torch.tensor([token for tokens in level_tokens for token in tokens], dtype=torch.long)
         tables = {"next_state": next_state, "allowed": next_state >= 0, "path_of_leaf": path_of_leaf,
                   "items_below": items_below, "leaf_of_item": leaf_of_item, "token_slot": token_slot,
-                  "item_of_leaf": item_of_leaf, "level_token_table": torch.tensor(sum(level_tokens, []), dtype=torch.long)}
+                  "item_of_leaf": item_of_leaf, "level_token_table": flat_tokens}
         for name, table in tables.items():
             self.register_buffer(name, table, persistent=False)
         self.level_sizes = [len(tokens) for tokens in level_tokens]
@@ -117,7 +118,7 @@ class CodeTrie(nn.Module):
         """The sorted token ids that occur at each depth (``level_tokens[d][slot]`` is the token of a slot)."""
         return self.level_token_table.split(self.level_sizes)
 
-    def rekeyed(self, level_tokens: Sequence[torch.Tensor], token_slot: torch.Tensor, eos_token_id: int) -> "CodeTrie":
+    def rekeyed(self, level_tokens: Sequence[torch.Tensor], token_slot: torch.Tensor, eos_token_id: int) -> CodeTrie:
         """The same trie (shared node tables) over other token ids, e.g. the positions of a vocabulary view."""
         other = copy.copy(self)
         other._buffers = dict(self._buffers)  # the copy's own buffer table: the original keeps its token ids
@@ -241,13 +242,12 @@ class TrieLogitsProcessor(LogitsProcessor):
         depth = input_ids.shape[1] - self.prompt_len
         if depth < 0:
             raise ValueError(f"input has {input_ids.shape[1]} tokens, fewer than the prompt length {self.prompt_len}")
-        out = scores
         eos = trie.eos_token_id
         if depth >= trie.code_length:
             kept = torch.zeros_like(scores[:, eos]) if self.renormalize else scores[:, eos].clone()
-            out.fill_(-float("inf"))
-            out[:, eos] = kept
-            return out
+            scores.fill_(-float("inf"))
+            scores[:, eos] = kept
+            return scores
         state = trie.walk(input_ids[:, self.prompt_len :])
         tokens = trie.level_tokens[depth]
         child = trie.next_state[state.clamp(min=0), : tokens.numel()]
@@ -259,10 +259,10 @@ class TrieLogitsProcessor(LogitsProcessor):
             kept = kept.masked_fill(self._blocked_children(child), -float("inf"))
         # A row whose prefix left the trie may only end (keeps such dead beams from spelling codes).
         dead_eos = torch.where(state >= 0, -float("inf"), scores[:, eos])
-        out.fill_(-float("inf"))
-        out.index_copy_(1, tokens, kept)
-        out[:, eos] = dead_eos
-        return out
+        scores.fill_(-float("inf"))
+        scores.index_copy_(1, tokens, kept)
+        scores[:, eos] = dead_eos
+        return scores
 
     def _blocked_children(self, child: torch.Tensor) -> torch.Tensor:
         rows, prompts = child.shape[0], self.blocked.shape[0]
