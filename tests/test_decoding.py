@@ -400,3 +400,11 @@ def test_mask_history_fills_every_slot_with_unseen_items():
         assert set(unmasked.items[row, 4:].tolist()) <= set(masked.items[row].tolist())  # the unseen ones found before
         assert (masked.scores[row, :-1] >= masked.scores[row, 1:]).all()
     assert (masked.ranks < 6).all()
+
+
+def test_decoding_config_refuses_sampling_and_more_items_than_beams():
+    assert DecodingConfig().do_sample is False
+    with pytest.raises(ValueError, match="do_sample"):
+        DecodingConfig(do_sample=True)
+    with pytest.raises(ValueError, match="top_k"):
+        DecodingConfig(num_beams=4, top_k=5)

@@ -213,14 +213,19 @@ class DecodingConfig:
         renormalize: score each step over the trie's allowed tokens only (models trained with ``code_softmax: trie``).
         mask_history: never return the items in the batch's ``seen_rows``/``seen_items`` (excluded inside the
             search, so all ``top_k`` slots go to unseen items).
+        do_sample: stated explicitly and must stay ``False``: rankings are the deterministic beam search's, never
+            sampled, whatever the checkpoint's ``generation_config`` says.
     """
 
     num_beams: int = 20
     top_k: int = 20
     renormalize: bool = False
     mask_history: bool = False
+    do_sample: bool = False
 
     def __post_init__(self) -> None:
+        if self.do_sample:
+            raise ValueError("constrained evaluation ranks items by deterministic beam search: do_sample must be False")
         if not 1 <= self.top_k <= self.num_beams:
             raise ValueError(f"top_k must be in [1, num_beams={self.num_beams}], got {self.top_k}")
 
