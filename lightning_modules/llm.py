@@ -39,6 +39,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from datamodules.errors import ConfigError
 from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
@@ -267,6 +268,11 @@ class GenerativeRecommender(L.LightningModule):
         datamodule.set_tokenizer(tokenizer)
         # the items' code-token ids, which the datamodule derived from the same ItemIndex.level_token_ids table
         self.code_trie = CodeTrie(torch.from_numpy(datamodule.prompts.code_ids), eos_token_id=tokenizer.eos_token_id)
+        # The tables are identical on every rank: DDP would otherwise re-broadcast them (35 MB for Games) at every
+        # training forward. DDP reads this list of names when it wraps the module, after configure_model.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [f"code_trie.{name}" for name, _ in self.code_trie.named_buffers()]
+        )
 
     def causal_lm(self) -> nn.Module:
         """The HF ``*ForCausalLM`` (under the peft wrapper when LoRA is on)."""

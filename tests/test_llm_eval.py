@@ -134,3 +134,19 @@ def test_testing_without_the_evaluation_callback_is_refused():
     module._trainer = SimpleNamespace(callbacks=[])
     with pytest.raises(ConfigError, match="callbacks.BeamSearchEvaluator"):
         module.on_test_start()
+
+
+def test_ddp_does_not_broadcast_the_trie_tables(synthetic_dir, tmp_path):
+    """The trie's buffers are identical on every rank; DDP must not re-send them at every training forward."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    module, _ = tiny_module(synthetic_dir, tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(module)
+        synced = {id(buffer) for buffer in wrapped.modules_buffers}
+        assert not any(id(buffer) in synced for buffer in module.code_trie.buffers())
+        assert any(name.startswith("model.") for name in wrapped.named_module_buffers)  # other buffers still synced
+    finally:
+        dist.destroy_process_group()
