@@ -19,8 +19,8 @@ would cost ``T x vocab`` per sample for nothing. With ``code_softmax: trie`` a p
 code scores only the codes that continue its prefix in the item trie (what the constrained decoder can pick
 there), the EOS that closes a code is not trained (the trie forces it), and decoding renormalises over the
 allowed tokens: training maximises exactly the item likelihood the decoder ranks by. Text positions keep the
-full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this is also ~2-3x faster
-per step; with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss).
+full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this is also a faster step
+(docs/notes.md); with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss).
 
 Every evaluation decodes the top-K items by trie-constrained beam search through one method, :meth:`rank_items`
 (:func:`lightning_modules.components.decoding.beam_eval_batch`, over a code-vocabulary view of the model):
@@ -353,8 +353,8 @@ class GenerativeRecommender(L.LightningModule):
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         # Length-grouped batches repeat every 50 batches (the longest, text-heavy batch first), so a step logged every
-        # `log_every_n_steps` can fall on that batch for a whole epoch (~6 against an epoch mean of ~2): the epoch mean
-        # is the number to compare across epochs.
+        # `log_every_n_steps` can fall on that batch for a whole epoch, far above the epoch mean: the epoch mean is
+        # the number to compare across epochs.
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=size)
         return loss
 

@@ -2,8 +2,7 @@
 
 Constrained beam search only ever picks the trie's code tokens and EOS, yet ``generate`` runs its log-softmax, its
 top-k over ``beams x vocab``, the logits processor and the ``output_scores`` copies over the whole vocabulary at
-every step. For a small model that is most of the evaluation: on the Industrial tiny Llama (hidden 64, 33k tokens,
-50 prompts x 20 beams) the LM-head matmul was 14% of a batch and the other vocabulary-wide passes ~75%.
+every step. For a small model those vocabulary-wide passes are most of the evaluation (docs/notes.md).
 
 :func:`vocabulary_view` swaps, for the duration of ``generate`` only, the model's input embedding and LM head for
 thin wrappers over a *view*: a sorted table of the token ids the search can meet (the trie's tokens, EOS, pad and
