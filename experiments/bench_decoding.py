@@ -22,16 +22,20 @@ Prompts: LC-Rec's sequential-recommendation prompt over each user's last 20 item
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessor, PrefixConstrainedLogitsProcessor
 
+from lightning_modules.components import decoding
 from lightning_modules.components.decoding import generate_topk
-from lightning_modules.components.trie import CodeTrie, TrieLogitsProcessor, dict_trie_prefix_fn
+from lightning_modules.components.trie import CodeTrie, TrieLogitsProcessor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PROMPT = (
@@ -39,6 +43,39 @@ PROMPT = (
     "### Instruction:\nThe user has interacted with items {history} in chronological order. Can you predict the next "
     "possible item that the user may expect?\n\n### Response:"
 )
+
+
+def dict_trie_prefix_fn(
+    index: Sequence[Sequence[int]], prompt_len: int, eos_id: int
+) -> Callable[[int, torch.Tensor], list[int]]:
+    """The LC-Rec-style reference: a Python dict trie for transformers' ``PrefixConstrainedLogitsProcessor``.
+
+    ``table[prefix]`` lists the allowed next tokens of every generated prefix (``[eos]`` after a full code);
+    a prefix outside the trie may only end, as with :class:`TrieLogitsProcessor`.
+
+    Args:
+        index: code token-id tuples (one per item).
+        prompt_len: length of the (padded) prompt; generated tokens start there.
+        eos_id: end-of-sequence token id.
+    """
+    children: dict[tuple[int, ...], dict[int, None]] = {}
+    for row in index:
+        row = tuple(int(token) for token in row)
+        for depth in range(len(row)):
+            children.setdefault(row[:depth], {})[row[depth]] = None
+        children.setdefault(row, {})[eos_id] = None
+    table = {prefix: list(nxt) for prefix, nxt in children.items()}
+    fallback = [eos_id]
+
+    def prefix_allowed_tokens_fn(batch_id: int, sentence: torch.Tensor) -> list[int]:
+        return table.get(tuple(sentence[prompt_len:].tolist()), fallback)
+
+    return prefix_allowed_tokens_fn
+
+
+def unshared_prompts():
+    """Plain ``generate``: every prompt encoded once per beam, without the shared prompt KV cache."""
+    return mock.patch.object(decoding, "prompt_cache_kwargs", lambda *args: {})
 
 
 class Identity(LogitsProcessor):
@@ -126,16 +163,15 @@ def run(args: argparse.Namespace) -> None:
     batches = [tokenizer(prompts[i : i + bs], return_tensors="pt", padding=True).to(device) for i in range(0, len(prompts), bs)]
     prefix_fns: dict[int, object] = {}  # dict tries built once per prompt length, outside the timed region
     clock: dict[str, float] = {}
-    share = not args.no_share_prompt
 
     def unconstrained(batch):
         return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             processor=Identity(), share_prompt=share)
+                             processor=Identity())
 
     def ours(batch, timed: bool):
         processor = TrieLogitsProcessor(trie, batch["input_ids"].shape[1])
         return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             processor=Timed(processor, clock, "ours") if timed else processor, share_prompt=share)
+                             processor=Timed(processor, clock, "ours") if timed else processor)
 
     def ours_masked(batch, start: int):
         """``mask_history``: the users' histories excluded inside the search (timed processor)."""
@@ -144,16 +180,16 @@ def run(args: argparse.Namespace) -> None:
         items = torch.tensor([item for items in users for item in items], device=device)
         processor = TrieLogitsProcessor(trie, batch["input_ids"].shape[1], blocked=trie.blocked_nodes(rows, items, len(users)))
         out, _ = generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                               processor=Timed(processor, clock, "masked"), share_prompt=share)
+                               processor=Timed(processor, clock, "masked"))
         return sum(len(set(out[row].tolist()) & set(history)) for row, history in enumerate(users))
 
     def full_vocabulary(batch, renormalize: bool):
         return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             share_prompt=share, renormalize=renormalize, code_view=False)
+                             renormalize=renormalize, code_view=False)
 
     def code_view(batch, renormalize: bool):
         return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             share_prompt=share, renormalize=renormalize, code_view=True)
+                             renormalize=renormalize, code_view=True)
 
     def dict_trie(batch):
         plen = batch["input_ids"].shape[1]
@@ -161,7 +197,7 @@ def run(args: argparse.Namespace) -> None:
             prefix_fns[plen] = dict_trie_prefix_fn(codes, plen, tokenizer.eos_token_id)
         processor = Timed(PrefixConstrainedLogitsProcessor(prefix_fns[plen], beams), clock, "dict")
         return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             processor=processor, share_prompt=share)
+                             processor=processor)
 
     def timed(key: str, fn, *fn_args):
         sync(device)
@@ -251,7 +287,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-share-prompt", action="store_true", help="plain generate: encode each prompt once per beam")
-    run(parser.parse_args())
+    args = parser.parse_args()
+    with unshared_prompts() if args.no_share_prompt else contextlib.nullcontext():
+        run(args)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ class IDRecommender(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         scores = self._masked_scores(batch)
-        return {"user": batch["user"], "top_items": scores.topk(self.top_k, dim=1).indices}
+        top = scores.topk(self.top_k, dim=1)
+        return {"user": batch["user"], "items": top.indices, "scores": top.values}
 
     def on_validation_epoch_end(self) -> None:
         log_topk_metrics(self, self.val_metrics, "val")

@@ -5,23 +5,27 @@
 1. the tokenizer (``tokenizer_path`` or ``model_path``); one without a pad token gets ``<pad>``;
 2. the index's code tokens (``L x K``, plus an extra disambiguation level if any) are added, the embeddings
    resized (HF mean-resizing for pretrained models); optionally the new input rows are initialised from the
-   stage-2 code vectors through a random 2-/3-layer MLP (the paper's Table 7 ablation, reported worse) or a fixed
-   orthogonal map (:mod:`lightning_modules.components.code_embeddings`);
+   stage-2 code vectors through a random 2-/3-layer MLP (the paper's Table 7 ablation, reported worse;
+   :mod:`lightning_modules.components.code_embeddings`);
 3. LoRA (peft) on ``lora_target_modules`` with ``trainable_token_indices`` on the input embedding and LM head:
    only the rows of the new code tokens are trainable in the embedding and the LM head (peft keeps them as
    separate parameters and swaps them in; tied embeddings are handled by peft), so the 32k original rows
    stay frozen without a gradient-mask hook; or full fine-tuning as in LC-Rec (``full_finetune``);
-4. the datamodule gets the tokenizer (``set_tokenizer``) and the code trie is built for constrained decoding.
+4. the datamodule gets the tokenizer (``set_tokenizer``) and the code trie is built for constrained decoding (a
+   submodule whose tables are buffers, so Lightning moves them with the model).
 
 Training computes logits only at supervised positions (labels != -100): the LM head over the whole prompt
 would cost ``T x vocab`` per sample for nothing. With ``code_softmax: trie`` a position whose target is an item
 code scores only the codes that continue its prefix in the item trie (what the constrained decoder can pick
 there), the EOS that closes a code is not trained (the trie forces it), and decoding renormalises over the
 allowed tokens: training maximises exactly the item likelihood the decoder ranks by. Text positions keep the
-full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this is also ~2-3x faster
-per step; with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss). Validation/test
-decode the top-K items by trie-constrained beam search (:mod:`lightning_modules.components.decoding`, over a
-code-vocabulary view of the model: :mod:`lightning_modules.components.code_view`) and log ``val/hr@10`` etc.
+full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this is also a faster step
+(docs/notes.md); with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss).
+
+Every evaluation decodes the top-K items by trie-constrained beam search through one method, :meth:`rank_items`
+(:func:`lightning_modules.components.decoding.beam_eval_batch`, over a code-vocabulary view of the model):
+validation logs ``val/hr@10`` etc. from the module, the final test is run by :class:`callbacks.BeamSearchEvaluator`
+(``test/hr@10`` etc. and the top-K lists), and ``predict_step`` serves the same lists.
 """
 
 from __future__ import annotations
@@ -30,13 +34,19 @@ import contextlib
 import logging
 from typing import Any, Literal
 
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from datamodules.errors import ConfigError
 from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
 from lightning_modules.components.code_embeddings import code_rows
+from lightning_modules.components.code_view import causal_lm_of
+from lightning_modules.components.decoding import BeamBatchResult, DecodingConfig, beam_eval_batch
+from lightning_modules.components.trie import CodeTrie
 from lightning_modules.metrics import TopKMetrics
 from lightning_modules.optimizers import adamw
 from lightning_modules.schedules import warmup_cosine
@@ -45,22 +55,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_TOKEN = "<pad>"
-
-
-def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Summed label-smoothed cross-entropy where ``-inf`` logits mark classes the position cannot emit.
-
-    PyTorch's ``label_smoothing`` spreads mass over every class, so a masked (``-inf``) class makes the loss
-    infinite; here the uniform part covers the finite classes only. With nothing masked it equals
-    ``F.cross_entropy(..., label_smoothing=smoothing, reduction="sum")``.
-    """
-    if smoothing == 0.0:
-        return F.cross_entropy(logits, targets, reduction="sum")
-    log_probs = logits.log_softmax(-1)
-    allowed = torch.isfinite(logits)
-    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
-    uniform = -log_probs.masked_fill(~allowed, 0.0).sum(-1) / allowed.sum(-1)
-    return ((1.0 - smoothing) * nll + smoothing * uniform).sum()
 
 
 class GenerativeRecommender(L.LightningModule):
@@ -73,36 +67,33 @@ class GenerativeRecommender(L.LightningModule):
         llama_config: ``transformers.LlamaConfig`` fields of a model built from scratch (CPU runs); the
             vocabulary size is set from the tokenizer.
         lora: train LoRA adapters plus the new token rows (the paper); exclusive with ``full_finetune``.
-        lora_rank: LoRA rank ``r``.
-        lora_alpha: LoRA scaling ``alpha``.
-        lora_dropout: dropout on the LoRA path.
+        lora_rank: LoRA rank ``r``: the adapters' capacity (the paper: 8).
+        lora_alpha: LoRA scaling ``alpha``: the adapters' update size relative to ``r``.
+        lora_dropout: dropout on the LoRA path, against overfitting the adapters.
         lora_target_modules: module names to adapt (default: every Llama attention and MLP projection).
         full_finetune: train every weight (LC-Rec); exclusive with ``lora``.
-        code_embedding_init: ``random`` (HF resizing), or ``mlp2``/``mlp3``: new input rows from the stage-2
-            codebook vectors (``codebook.pt`` of the index directory) through a 2-/3-layer MLP, or ``linear``:
-            through a fixed orthogonal map, which keeps the vectors' inner products (an item's code rows then sum
-            to its behaviour embedding, so co-interacted items start close).
-        init_code_head: also write the initialised code rows into an untied LM head, so the output code rows
-            start with the same geometry as the input ones (ignored with ``code_embedding_init: random``).
+        code_embedding_init: ``random`` (HF resizing, the paper's choice), or ``mlp2``/``mlp3``: new input rows from
+            the stage-2 codebook vectors (``codebook.pt`` of the index directory) through a 2-/3-layer MLP, the
+            paper's Table 7 ablation.
         gradient_checkpointing: recompute activations in the backward pass (long prompts, 7B models).
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
-        load_dtype: dtype of pretrained weights (``auto`` keeps the checkpoint's).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (GPUs; packed batches need sdpa or eager).
+        load_dtype: dtype of pretrained weights (``auto`` keeps the checkpoint's; bf16 halves a 7B model's memory).
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay (matrices only, as in the HF Trainer).
-        adam_betas: AdamW's ``(beta1, beta2)``; torch's and the HF Trainer's default ``(0.9, 0.999)``.
+        adam_betas: AdamW's ``(beta1, beta2)``, e.g. LLM fine-tuning's ``(0.9, 0.95)``; default torch's and the HF
+            Trainer's ``(0.9, 0.999)`` (LC-Rec).
         warmup_steps: linear warm-up steps, then cosine decay to 0 at the end of the run: the last step of
             ``max_epochs``/``max_steps``, or ``trainer.max_time`` if that comes first.
         num_beams: beam width of constrained decoding.
         eval_top_k: items returned per user (at least 10 for HR@10).
-        code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary) or ``trie``
-            (code targets scored against the trie's continuations of their prefix, beam scores renormalised over
-            the allowed tokens; needs ``full_finetune``, since LoRA keeps the new LM-head rows inside peft's wrapper).
+        code_softmax: ``vocabulary`` (plain LM loss, beam scores = log-probs over the vocabulary; pretrained LLMs)
+            or ``trie`` (code targets scored against the trie's continuations of their prefix, beam scores
+            renormalised over the allowed tokens: the exact item likelihood the decoder ranks by, and a cheaper step
+            for small models trained from scratch; needs ``full_finetune``, since LoRA keeps the new LM-head rows
+            inside peft's wrapper).
         mask_history: never recommend items the user already interacted with, the policy of this repository's ID
             baselines (their ``mask_history``); the default ranks them, as LC-Rec does. They are excluded inside
             the constrained beam search, so all ``eval_top_k`` slots hold unseen items.
-        label_smoothing: share of each target's probability mass spread uniformly over the tokens the position
-            may emit: a code's trie continuations under ``code_softmax: trie``, the vocabulary otherwise (PyTorch's
-            ``label_smoothing``). 0 is the plain likelihood (LC-Rec).
     """
 
     def __init__(
@@ -116,8 +107,7 @@ class GenerativeRecommender(L.LightningModule):
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] | None = None,
         full_finetune: bool = False,
-        code_embedding_init: Literal["random", "mlp2", "mlp3", "linear"] = "random",
-        init_code_head: bool = False,
+        code_embedding_init: Literal["random", "mlp2", "mlp3"] = "random",
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
         load_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
@@ -129,7 +119,6 @@ class GenerativeRecommender(L.LightningModule):
         eval_top_k: int = 20,
         code_softmax: Literal["vocabulary", "trie"] = "vocabulary",
         mask_history: bool = False,
-        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if (model_path is None) == (llama_config is None):
@@ -140,8 +129,6 @@ class GenerativeRecommender(L.LightningModule):
             raise ValueError("choose one training mode: `lora: true` (adapters + new token rows) or `full_finetune: true`")
         if eval_top_k > num_beams or eval_top_k < TopKMetrics().max_k:
             raise ValueError(f"eval_top_k must be in [{TopKMetrics().max_k}, num_beams={num_beams}], got {eval_top_k}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if not all(0.0 <= beta < 1.0 for beta in adam_betas):
             raise ValueError(f"adam_betas must both be in [0, 1), got {adam_betas}")
         if code_softmax == "trie" and not full_finetune:
@@ -149,17 +136,18 @@ class GenerativeRecommender(L.LightningModule):
                              "trainable-token wrapper. Use full_finetune: true, or code_softmax: vocabulary.")
         self.save_hyperparameters()
         self.lora_target_modules = lora_target_modules or list(DEFAULT_LORA_TARGETS)
-        self.mask_history = mask_history  # read by beam_eval_batch, like the ID baselines' attribute
+        # beam scores renormalised over the allowed codes when training scored codes that way
+        self.decoding = DecodingConfig(num_beams, eval_top_k, renormalize=code_softmax == "trie",
+                                       mask_history=mask_history)
         self.model: nn.Module | None = None
         self.tokenizer = None
-        self.code_trie = None
+        self.code_trie: CodeTrie | None = None
         self.code_token_ids: list[int] = []
         self.pad_token_added = False
         self.dataset_fingerprint: dict[str, Any] | None = None
         # Frozen base weights are reloaded from model_path, so LoRA checkpoints keep only the trainable tensors.
         self.strict_loading = not (lora and model_path is not None)
         self.val_metrics = TopKMetrics()
-        self.test_metrics = TopKMetrics()
 
     # -------------------------------------------------------------------------------------------- building
     def setup(self, stage: str) -> None:
@@ -221,24 +209,17 @@ class GenerativeRecommender(L.LightningModule):
         levels, size, dim = books.shape
         weight = model.get_input_embeddings().weight
         width = model.get_input_embeddings().embedding_dim  # weight.shape is (0,) under ZeRO-3 sharding
-        targets = [weight]
-        head = model.get_output_embeddings()
-        if self.hparams.init_code_head and head is not None and head.weight is not weight:
-            targets.append(head.weight)
         gathered = contextlib.nullcontext()
         if self._zero_stage_3():  # write the rows into the full matrix, then re-shard it (rank 0's values win)
             import deepspeed
 
-            gathered = deepspeed.zero.GatheredParameters(targets, modifier_rank=0)
+            gathered = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
         with gathered, torch.no_grad():
             old = weight[: min(self.code_token_ids)].float()  # the original vocabulary
             rows, how = code_rows(books.reshape(-1, dim), self.hparams.code_embedding_init, width, old)
-            code_token_rows = token_ids[:levels, :size].reshape(-1)
-            for target in targets:
-                scale = target[: min(self.code_token_ids)].float().std() / old.std()  # the head's own init scale
-                target[code_token_rows] = (rows * scale).to(target.dtype)
-        log.info("initialised %d code-token rows (%s) from %dx%d code vectors via %s", levels * size,
-                 "input and LM head" if len(targets) > 1 else "input", levels, size, how)
+            weight[token_ids[:levels, :size].reshape(-1)] = rows.to(weight.dtype)
+        log.info("initialised %d code-token input rows from %dx%d code vectors via %s",
+                 levels * size, levels, size, how)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -258,10 +239,12 @@ class GenerativeRecommender(L.LightningModule):
         tokenizer = self._load_tokenizer()
         vocabulary = index.vocabulary()
         tokenizer.add_tokens(vocabulary)
-        self.code_token_ids = tokenizer.convert_tokens_to_ids(vocabulary)
+        token_table = index.level_token_ids(tokenizer.get_vocab())  # the one source of the code-token ids
+        self.code_token_ids = [int(token) for level, size in enumerate(index.level_sizes())
+                               for token in token_table[level, :size]]
         model = self._load_model(tokenizer)
         if hp.code_embedding_init != "random":
-            self._init_code_embeddings(model, index, torch.from_numpy(index.level_token_ids(tokenizer.get_vocab())))
+            self._init_code_embeddings(model, index, torch.from_numpy(token_table))
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.lora:
@@ -283,20 +266,17 @@ class GenerativeRecommender(L.LightningModule):
         model.train()  # from_pretrained returns eval mode, which would silence dropout (LoRA's included) in training
         self.model, self.tokenizer = model, tokenizer
         datamodule.set_tokenizer(tokenizer)
-        self.code_trie = self._build_trie(datamodule.prompts.code_ids, tokenizer.eos_token_id)
-
-    @staticmethod
-    def _build_trie(code_ids, eos_token_id: int):
-        try:
-            from lightning_modules.components.trie import CodeTrie
-        except ImportError:  # decoding not available: training still works, evaluation will say why
-            log.warning("lightning_modules.components.trie is missing: beam-search evaluation is unavailable")
-            return None
-        return CodeTrie(torch.from_numpy(code_ids), eos_token_id=eos_token_id)
+        # the items' code-token ids, which the datamodule derived from the same ItemIndex.level_token_ids table
+        self.code_trie = CodeTrie(torch.from_numpy(datamodule.prompts.code_ids), eos_token_id=tokenizer.eos_token_id)
+        # The tables are identical on every rank: DDP would otherwise re-broadcast them (35 MB for Games) at every
+        # training forward. DDP reads this list of names when it wraps the module, after configure_model.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [f"code_trie.{name}" for name, _ in self.code_trie.named_buffers()]
+        )
 
     def causal_lm(self) -> nn.Module:
         """The HF ``*ForCausalLM`` (under the peft wrapper when LoRA is on)."""
-        return self.model.get_base_model() if self.hparams.lora else self.model
+        return causal_lm_of(self.model)
 
     # ---------------------------------------------------------------------------------------- training
     def response_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -312,7 +292,7 @@ class GenerativeRecommender(L.LightningModule):
         if self.hparams.code_softmax == "trie":
             return self._trie_loss(lm, hidden[:, :-1], targets, supervised)
         logits = lm.get_output_embeddings()(hidden[:, :-1][supervised])
-        return F.cross_entropy(logits.float(), targets[supervised], label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(logits.float(), targets[supervised])
 
     @staticmethod
     def _tree_mask(lm: nn.Module, mask: torch.Tensor) -> torch.Tensor:
@@ -333,7 +313,7 @@ class GenerativeRecommender(L.LightningModule):
         code positions of softmaxes over the valid next codes. Text targets keep the whole vocabulary; the EOS
         that closes a code is not trained (the trie forces it). One pass per code depth (L of them).
         """
-        trie = self.code_trie if self.code_trie.device == targets.device else self.code_trie.to(targets.device)
+        trie = self.code_trie
         head = lm.get_output_embeddings()
         bound = trie.token_slot.shape[1]
         in_range = supervised & (targets < bound)
@@ -354,11 +334,10 @@ class GenerativeRecommender(L.LightningModule):
             rows, cols, state = rows[valid], cols[valid], state[valid]
             logits = (hidden[rows, cols] @ code_rows[d].T).float()
             logits = logits.masked_fill(~trie.allowed[state, : code_rows[d].shape[0]], -float("inf"))
-            total = total + smoothed_cross_entropy(logits, slots[d, rows, cols], self.hparams.label_smoothing)
+            total = total + F.cross_entropy(logits, slots[d, rows, cols], reduction="sum")
             coded[rows, cols] = True
         is_text = supervised & ~coded & ~closes_code
-        total = total + F.cross_entropy(head(hidden[is_text]).float(), targets[is_text], reduction="sum",
-                                        label_smoothing=self.hparams.label_smoothing)
+        total = total + F.cross_entropy(head(hidden[is_text]).float(), targets[is_text], reduction="sum")
         return total / (coded | is_text).sum().clamp(min=1)
 
     def on_train_epoch_start(self) -> None:
@@ -374,38 +353,45 @@ class GenerativeRecommender(L.LightningModule):
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         # Length-grouped batches repeat every 50 batches (the longest, text-heavy batch first), so a step logged every
-        # `log_every_n_steps` can fall on that batch for a whole epoch (~6 against an epoch mean of ~2): the epoch mean
-        # is the number to compare across epochs.
+        # `log_every_n_steps` can fall on that batch for a whole epoch, far above the epoch mean: the epoch mean is
+        # the number to compare across epochs.
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
     # -------------------------------------------------------------------------------------- evaluation
-    def _beam_ranks(self, batch: dict[str, torch.Tensor]):
-        if self.code_trie is None:
-            raise RuntimeError("beam-search evaluation needs lightning_modules/components/trie.py and decoding.py")
-        from lightning_modules.components.decoding import beam_eval_batch
-
-        return beam_eval_batch(self, batch, num_beams=self.hparams.num_beams, top_k=self.hparams.eval_top_k)
+    def rank_items(self, batch: dict[str, torch.Tensor]) -> BeamBatchResult:
+        """The top-K items of each prompt of ``batch`` by constrained beam search (the one evaluation path)."""
+        return beam_eval_batch(self.model, self.tokenizer, self.code_trie, batch, self.decoding)
 
     @property
     def renormalize_codes(self) -> bool:
         """Beam search renormalises over the allowed codes when training did (``code_softmax: trie``)."""
-        return self.hparams.code_softmax == "trie"
+        return self.decoding.renormalize
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(self._beam_ranks(batch).ranks)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_metrics.update(self._beam_ranks(batch).ranks)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"user": batch["user"], "top_items": self._beam_ranks(batch).items}
+        self.val_metrics.update(self.rank_items(batch).ranks)
 
     def on_validation_epoch_end(self) -> None:
         log_topk_metrics(self, self.val_metrics, "val")
 
-    def on_test_epoch_end(self) -> None:
-        log_topk_metrics(self, self.test_metrics, "test")
+    def on_test_start(self) -> None:
+        if not any(getattr(callback, "evaluates_test_batches", False) for callback in self.trainer.callbacks):
+            raise ConfigError(
+                "testing GenerativeRecommender needs the beam-search evaluation callback: add "
+                "`- class_path: callbacks.BeamSearchEvaluator` to trainer.callbacks (every configs/*/llm.yaml has it)"
+            )
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> BeamBatchResult:
+        """Ranks a test batch; :class:`callbacks.BeamSearchEvaluator` turns the results into metrics and top-K lists."""
+        return self.rank_items(batch)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Serving: ``user`` ``[B]`` catalogue rows, their top ``items`` ``[B, eval_top_k]`` and beam log-``scores``.
+
+        The user's history is excluded under ``mask_history``; slots without a valid item hold ``-1`` / ``-inf``.
+        """
+        result = self.rank_items(batch)
+        return {"user": batch["user"], "items": result.items, "scores": result.scores}
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

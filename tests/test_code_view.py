@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from lightning_modules.components.code_view import build_view, vocabulary_view
 from lightning_modules.components.decoding import generate_topk
 from lightning_modules.components.trie import CodeTrie
+from experiments.bench_decoding import unshared_prompts
 from tests.test_decoding import EOS, PAD, TOKENIZER, V, left_padded, make_codes, tiny_model
 
 
@@ -22,6 +25,8 @@ def test_view_table_holds_the_trie_specials_and_prompt_tokens_and_rekeys_the_tri
     assert view.table[view.trie.eos_token_id] == EOS and view.id_of(PAD) == expected.index(PAD)
     original = torch.tensor(codes)
     assert torch.equal(view.trie.items_of(view.to_view(original)), trie.items_of(original))  # same nodes, view ids
+    assert trie.items_of(original).tolist() == list(range(10)) and trie.eos_token_id == EOS  # the original untouched
+    assert view.trie.next_state is trie.next_state
     assert view.to_original(torch.tensor([len(expected)])).item() == expected[0]  # the out-of-table column maps inside
 
 
@@ -32,9 +37,10 @@ def test_view_search_equals_the_full_vocabulary_search(renormalize, share_prompt
     trie = CodeTrie(codes, EOS, items=range(700, 740))
     ids, mask = left_padded([5, 9, 3, 9], seed=4)
     exclude = (torch.tensor([0, 0, 2]), torch.tensor([705, 731, 700]))
-    kwargs = dict(renormalize=renormalize, share_prompt=share_prompt, exclude=exclude)
-    full_items, full_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 10, 10, code_view=False, **kwargs)
-    items, scores = generate_topk(model, TOKENIZER, ids, mask, trie, 10, 10, code_view=True, **kwargs)
+    kwargs = dict(renormalize=renormalize, exclude=exclude)
+    with contextlib.nullcontext() if share_prompt else unshared_prompts():
+        full_items, full_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 10, 10, code_view=False, **kwargs)
+        items, scores = generate_topk(model, TOKENIZER, ids, mask, trie, 10, 10, code_view=True, **kwargs)
     assert torch.equal(items, full_items)
     torch.testing.assert_close(scores, full_scores, atol=1e-5, rtol=1e-5)
     assert (items >= 700).all() and not {705, 731} & set(items[0].tolist())

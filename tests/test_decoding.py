@@ -15,11 +15,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PrefixConstrainedLogitsProcessor
 
-import callbacks.beam_eval as beam_eval
 from callbacks.beam_eval import BeamSearchEvaluator
 from datamodules.base import RecDataModule
-from lightning_modules.components.decoding import BeamBatchResult, beam_eval_batch, beam_generation_config, cache_keyword, generate_topk
-from lightning_modules.components.trie import CodeCollisionError, CodeTrie, TrieLogitsProcessor, dict_trie_prefix_fn
+from experiments.bench_decoding import dict_trie_prefix_fn, unshared_prompts
+from lightning_modules.components.decoding import (
+    BeamBatchResult, DecodingConfig, beam_eval_batch, beam_generation_config, cache_keyword, generate_topk,
+)
+from lightning_modules.components.trie import CodeCollisionError, CodeTrie, TrieLogitsProcessor
 from lightning_modules.metrics import rank_in_list
 from tests.conftest import shared_tokenizer
 
@@ -74,11 +76,10 @@ def test_colliding_index_names_the_items():
     assert sorted(CodeTrie.from_index(index, tokenizer, dedupe=True).item_of_leaf.tolist()) == [0, 2]
 
 
-@pytest.mark.parametrize("inplace", [True, False])
-def test_masks_equal_dict_trie_step_by_step(inplace):
+def test_masks_equal_dict_trie_step_by_step():
     codes, prompt_len, rows = make_codes(20), 5, 24
     trie = CodeTrie(codes, EOS)
-    ours = TrieLogitsProcessor(trie, prompt_len=None, inplace=inplace)  # prompt length detected on the first call
+    ours = TrieLogitsProcessor(trie, prompt_len=prompt_len)
     reference = PrefixConstrainedLogitsProcessor(dict_trie_prefix_fn(codes, prompt_len, EOS), num_beams=4)
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, V, (rows, prompt_len), generator=g)
@@ -161,7 +162,8 @@ def test_only_valid_distinct_items_and_same_as_dict_trie():
     assert torch.equal(full_items, ref_items) and torch.equal(full_scores, ref_scores)  # same full-vocabulary scores
     assert torch.equal(items, ref_items)  # the code view (default) sums the same log-probs in another order
     torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
-    plain_items, plain_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 8, 8, share_prompt=False)
+    with unshared_prompts():
+        plain_items, plain_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 8, 8)
     assert torch.equal(plain_items, items)  # the shared prompt cache changes rounding only
     torch.testing.assert_close(plain_scores, scores, atol=1e-4, rtol=1e-5)
 
@@ -256,57 +258,50 @@ class PromptData(RecDataModule):
 
 
 class TinyRecommender(L.LightningModule):
-    """Exposes what the evaluator needs; training is a no-op so every run evaluates the same weights."""
+    """Ranks test batches like GenerativeRecommender (its trie a submodule); ``ranking`` fakes the search."""
 
-    def __init__(self, num_items: int = 30) -> None:
+    def __init__(self, num_items: int = 30, ranking: dict[int, int] | None = None) -> None:
         super().__init__()
         self.model = tiny_model(seed=5)
-        self.tokenizer = TOKENIZER
         self.code_trie = CodeTrie(make_codes(num_items, seed=4), EOS)
+        self.ranking = ranking
 
-    def training_step(self, batch, batch_idx):
-        return sum(parameter.sum() for parameter in self.parameters()) * 0.0  # zero gradients, lr 0: weights unchanged
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def fit(root: Path, **trainer_args) -> None:
-    trainer = L.Trainer(default_root_dir=root, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", **trainer_args)
-    trainer.fit(TinyRecommender(), datamodule=PromptData())
-
-
-def test_callback_metrics_on_a_hand_made_case(tmp_path, monkeypatch):
-    ranking = {0: 0, 1: 3, 2: 7}  # user row -> rank of the target; every other user misses
-
-    def fake(module, batch, num_beams, top_k, mask_history=False):
-        items = torch.arange(100, 100 + top_k).repeat(len(batch["user"]), 1)
+    def test_step(self, batch, batch_idx) -> BeamBatchResult:
+        if self.ranking is None:
+            return beam_eval_batch(self.model, TOKENIZER, self.code_trie, batch, DecodingConfig(num_beams=12, top_k=10))
+        items = torch.arange(100, 120).repeat(len(batch["user"]), 1)  # user row -> rank of the target, else a miss
         for i, user in enumerate(batch["user"].tolist()):
-            if user in ranking:
-                items[i, ranking[user]] = batch["target_item"][i]
-        return BeamBatchResult(items, -torch.arange(top_k, dtype=torch.float).repeat(len(items), 1), rank_in_list(items, batch["target_item"]))
+            if user in self.ranking:
+                items[i, self.ranking[user]] = batch["target_item"][i]
+        scores = -torch.arange(20, dtype=torch.float).repeat(len(items), 1)
+        return BeamBatchResult(items, scores, rank_in_list(items, batch["target_item"]))
 
-    monkeypatch.setattr(beam_eval, "beam_eval_batch", fake)
-    evaluator = BeamSearchEvaluator(num_beams=20, top_k=20, output_dir=str(tmp_path / "out"))
-    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
-                        callbacks=[evaluator], logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    data = PromptData(num_users=8)
-    trainer.fit(TinyRecommender(), datamodule=data)
+
+def run_test(root: Path, module: L.LightningModule, data: RecDataModule, **trainer_args) -> L.Trainer:
+    trainer = L.Trainer(default_root_dir=root, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        accelerator="cpu", **trainer_args)
+    trainer.test(module, datamodule=data)
+    return trainer
+
+
+def test_callback_metrics_on_a_hand_made_case(tmp_path):
+    evaluator = BeamSearchEvaluator(output_dir=str(tmp_path / "out"))
+    trainer = run_test(tmp_path, TinyRecommender(ranking={0: 0, 1: 3, 2: 7}), PromptData(num_users=8), callbacks=[evaluator],
+                       logger=L.pytorch.loggers.CSVLogger(tmp_path))
     expected = {"hr@1": 1 / 8, "hr@5": 2 / 8, "hr@10": 3 / 8, "ndcg@5": (1 + 1 / math.log2(5)) / 8,
                 "ndcg@10": (1 + 1 / math.log2(5) + 1 / math.log2(9)) / 8}
-    for stage in ("valid", "test"):
-        record = json.loads((tmp_path / "out" / f"beam_{stage}_metrics.json").read_text())
-        assert record["metrics"] == pytest.approx(expected) and record["users"] == 8 == record["dataset_size"]
-        lines = [json.loads(line) for line in (tmp_path / "out" / f"topk_{stage}.rank0.jsonl").read_text().splitlines()]
-        assert [line["user"] for line in lines] == list(range(1000, 1008)) and len(lines[0]["items"]) == 20
+    record = json.loads((tmp_path / "out" / "beam_test_metrics.json").read_text())
+    assert record["metrics"] == pytest.approx(expected) and record["users"] == 8 == record["dataset_size"]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "topk_test.rank0.jsonl").read_text().splitlines()]
+    assert [line["user"] for line in lines] == list(range(1000, 1008)) and len(lines[0]["items"]) == 20
+    assert lines[3]["scores"] == [-float(n) for n in range(20)]
+    assert trainer.callback_metrics["test/ndcg@5"].item() == pytest.approx(expected["ndcg@5"])
     logged = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
-    assert "val/hr@10" in logged and "test/ndcg@5" in logged
+    assert "test/hr@10" in logged and "test/ndcg@5" in logged
 
 
-def read_shards(directory: Path, stage: str) -> dict[int, list[int]]:
-    lines = [json.loads(line) for path in sorted(directory.glob(f"topk_{stage}.rank*.jsonl")) for line in path.read_text().splitlines()]
+def read_shards(directory: Path) -> dict[int, list[int]]:
+    lines = [json.loads(line) for path in sorted(directory.glob("topk_test.rank*.jsonl")) for line in path.read_text().splitlines()]
     users = [line["user"] for line in lines]
     assert len(users) == len(set(users)), "a user was evaluated twice"
     return {line["user"]: line["items"] for line in lines}
@@ -314,16 +309,25 @@ def read_shards(directory: Path, stage: str) -> dict[int, list[int]]:
 
 def test_ddp_two_processes_match_single_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    fit(tmp_path, devices=1, logger=False, callbacks=[BeamSearchEvaluator(num_beams=12, top_k=10, output_dir=str(single))])
-    fit(tmp_path, devices=2, strategy="ddp_spawn", logger=False,
-        callbacks=[BeamSearchEvaluator(num_beams=12, top_k=10, output_dir=str(ddp))])
-    for stage in ("valid", "test"):
-        one = json.loads((single / f"beam_{stage}_metrics.json").read_text())
-        two = json.loads((ddp / f"beam_{stage}_metrics.json").read_text())
-        assert two["world_size"] == 2 and two["users"] == one["users"] == 37
-        assert two["metrics"] == one["metrics"]  # integer count states: exactly equal, not just close
-        assert len(list(ddp.glob(f"topk_{stage}.rank*.jsonl"))) == 2
-        assert read_shards(ddp, stage) == read_shards(single, stage)  # every user exactly once, same lists
+    run_test(tmp_path, TinyRecommender(), PromptData(), devices=1, logger=False, callbacks=[BeamSearchEvaluator(str(single))])
+    run_test(tmp_path, TinyRecommender(), PromptData(), devices=2, strategy="ddp_spawn", logger=False,
+             callbacks=[BeamSearchEvaluator(str(ddp))])
+    one = json.loads((single / "beam_test_metrics.json").read_text())
+    two = json.loads((ddp / "beam_test_metrics.json").read_text())
+    assert two["world_size"] == 2 and two["users"] == one["users"] == 37
+    assert two["metrics"] == one["metrics"]  # integer count states: exactly equal, not just close
+    assert len(list(ddp.glob("topk_test.rank*.jsonl"))) == 2
+    assert read_shards(ddp) == read_shards(single)  # every user exactly once, same lists
+
+
+def test_trie_tables_are_buffers_that_move_with_the_module():
+    module = TinyRecommender()
+    names = {name for name, _ in module.named_buffers()}
+    assert {"code_trie.next_state", "code_trie.allowed", "code_trie.level_token_table"} <= names
+    assert not any(key.startswith("code_trie.") for key in module.state_dict())  # rebuilt from the index, not saved
+    module.to(torch.float64)
+    assert module.code_trie.next_state.dtype == torch.int32 and module.code_trie.allowed.dtype == torch.bool
+    assert module.code_trie.device == next(module.parameters()).device
 
 
 def test_cache_keyword_follows_the_installed_transformers():
@@ -384,15 +388,23 @@ def test_mask_history_fills_every_slot_with_unseen_items():
     model, codes = tiny_model(seed=9), make_codes(40, seed=10)
     trie = CodeTrie(codes, EOS)
     ids, mask = left_padded([5, 7], seed=3)
-    module = SimpleNamespace(model=model, tokenizer=TOKENIZER, code_trie=trie)
-    unmasked = beam_eval_batch(module, {"input_ids": ids, "attention_mask": mask, "target_item": torch.tensor([0, 1])}, 6, 6)
+    unmasked = beam_eval_batch(model, TOKENIZER, trie, {"input_ids": ids, "attention_mask": mask, "target_item": torch.tensor([0, 1])},
+                               DecodingConfig(num_beams=6, top_k=6))
     seen_items = unmasked.items[:, :4].flatten()  # each user "has" their 4 best-scored items
     batch = {"input_ids": ids, "attention_mask": mask, "seen_rows": torch.tensor([0] * 4 + [1] * 4), "seen_items": seen_items,
              "target_item": unmasked.items[:, 4]}
-    masked = beam_eval_batch(module, batch, 6, 6, mask_history=True)
+    masked = beam_eval_batch(model, TOKENIZER, trie, batch, DecodingConfig(num_beams=6, top_k=6, mask_history=True))
     assert (masked.items >= 0).all()  # 6 unseen items each, not 2
     for row in range(2):
         assert not set(masked.items[row].tolist()) & set(seen_items[4 * row : 4 * row + 4].tolist())
         assert set(unmasked.items[row, 4:].tolist()) <= set(masked.items[row].tolist())  # the unseen ones found before
         assert (masked.scores[row, :-1] >= masked.scores[row, 1:]).all()
     assert (masked.ranks < 6).all()
+
+
+def test_decoding_config_refuses_sampling_and_more_items_than_beams():
+    assert DecodingConfig().do_sample is False
+    with pytest.raises(ValueError, match="do_sample"):
+        DecodingConfig(do_sample=True)
+    with pytest.raises(ValueError, match="top_k"):
+        DecodingConfig(num_beams=4, top_k=5)

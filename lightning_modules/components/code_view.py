@@ -2,8 +2,7 @@
 
 Constrained beam search only ever picks the trie's code tokens and EOS, yet ``generate`` runs its log-softmax, its
 top-k over ``beams x vocab``, the logits processor and the ``output_scores`` copies over the whole vocabulary at
-every step. For a small model that is most of the evaluation: on the Industrial tiny Llama (hidden 64, 33k tokens,
-50 prompts x 20 beams) the LM-head matmul was 14% of a batch and the other vocabulary-wide passes ~75%.
+every step. For a small model those vocabulary-wide passes are most of the evaluation (docs/notes.md).
 
 :func:`vocabulary_view` swaps, for the duration of ``generate`` only, the model's input embedding and LM head for
 thin wrappers over a *view*: a sorted table of the token ids the search can meet (the trie's tokens, EOS, pad and
@@ -23,7 +22,6 @@ transformers has no option to restrict ``generate`` to a sub-vocabulary (``Prefi
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,18 +56,17 @@ def build_view(trie: CodeTrie, prompts: torch.Tensor, special_ids: Sequence[int]
     """The view for one ``generate`` call: the trie's tokens, ``special_ids`` and every token of ``prompts``.
 
     One ``unique`` per call (a device->host sync per batch, none per decoding step). ``trie`` must be on the prompts'
-    device (``generate_topk`` moves it there); the view's trie shares its node tables.
+    device; the view's trie shares its node tables.
     """
     device = prompts.device
     specials = torch.tensor([trie.eos_token_id, *special_ids], dtype=torch.long, device=device)
     table = torch.unique(torch.cat([*trie.level_tokens, specials, prompts.flatten().long()]))
-    view_trie = copy.copy(trie)  # same nodes and slots; only the token ids change
-    view_trie.level_tokens = [torch.searchsorted(table, tokens) for tokens in trie.level_tokens]
-    view_trie.token_slot = torch.full((trie.code_length, table.numel()), -1, dtype=torch.long, device=device)
-    for depth, tokens in enumerate(view_trie.level_tokens):
-        view_trie.token_slot[depth, tokens] = torch.arange(tokens.numel(), device=device)
-    view_trie.eos_token_id = int(torch.searchsorted(table, specials[:1]))
-    return VocabularyView(table, view_trie)
+    level_tokens = [torch.searchsorted(table, tokens) for tokens in trie.level_tokens]
+    token_slot = torch.full((trie.code_length, table.numel()), -1, dtype=torch.long, device=device)
+    for depth, tokens in enumerate(level_tokens):
+        token_slot[depth, tokens] = torch.arange(tokens.numel(), device=device)
+    eos = int(torch.searchsorted(table, specials[:1]))
+    return VocabularyView(table, trie.rekeyed(level_tokens, token_slot, eos))
 
 
 class _ViewEmbedding(nn.Module):
@@ -109,7 +106,7 @@ class _ViewHead(nn.Module):
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The HF ``*ForCausalLM`` under a peft wrapper (or the model itself)."""
+    """The HF ``*ForCausalLM`` under a peft wrapper (or the model itself): the one place that unwraps peft."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

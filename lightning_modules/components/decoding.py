@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from lightning_modules.components.code_view import build_view, vocabulary_view
+from lightning_modules.components.code_view import build_view, causal_lm_of, vocabulary_view
 from lightning_modules.components.trie import CodeTrie, TrieLogitsProcessor
 from lightning_modules.metrics import rank_in_list
 
@@ -67,7 +67,7 @@ def isolated_generation_config(model) -> Iterator[None]:
     ``sequence_bias``, ``forced_eos_token_id``, ...) from ``model.generation_config``; a blank config in its
     place means only our explicit values and the library's neutral global defaults apply.
     """
-    targets = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    targets = list({id(target): target for target in (model, causal_lm_of(model))}.values())
     saved = [(target, target.generation_config) for target in targets]
     try:
         for target, _ in saved:
@@ -87,20 +87,23 @@ def cache_keyword(module) -> str:
     return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
 
 
-def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int) -> DynamicCache:
-    """KV cache of every prompt but its last token, computed once per prompt and repeated for each beam.
+def prompt_cache_kwargs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int) -> dict:
+    """``generate`` keyword arguments carrying the KV cache of every prompt but its last token, shared by the beams.
 
-    ``generate`` repeats each prompt ``num_beams`` times *before* its prefill, so the prompt would be encoded 20
-    times; with this cache it only runs the last prompt token per beam. Positions follow the left padding
-    exactly as ``generate`` derives them (``cumsum(attention_mask) - 1``).
+    ``generate`` repeats each prompt ``num_beams`` times *before* its prefill, so the prompt would be encoded
+    ``num_beams`` times; with this cache it only runs the last prompt token per beam (same scores up to float
+    rounding). Positions follow the left padding exactly as ``generate`` derives them (``cumsum(attention_mask) - 1``).
+    Empty when there is nothing to share (a one-token prompt or one beam).
     """
+    if input_ids.shape[1] < 2 or num_beams < 2:
+        return {}
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     decoder = model.get_decoder()  # skips the LM head: no [B, P, vocab] logits
     decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
             use_cache=True, **{cache_keyword(decoder): cache})
     cache.batch_repeat_interleave(num_beams)
-    return cache
+    return {cache_keyword(decoder): cache}
 
 
 def generate_topk(
@@ -113,7 +116,6 @@ def generate_topk(
     num_return_sequences: int = 20,
     max_new_tokens: int | None = None,
     processor: LogitsProcessor | None = None,
-    share_prompt: bool = True,
     renormalize: bool = False,
     exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
     code_view: bool = True,
@@ -125,13 +127,11 @@ def generate_topk(
         tokenizer: supplies ``eos_token_id``, ``pad_token_id`` (EOS when unset) and ``bos_token_id``.
         prompts_input_ids: ``[B, P]`` left-padded prompts.
         attention_mask: ``[B, P]`` 1 on real tokens.
-        trie: the valid item codes.
+        trie: the valid item codes, on the prompts' device (a submodule of the LightningModule moves with it).
         num_beams: beam width.
         num_return_sequences: K, at most ``num_beams``.
         max_new_tokens: defaults to ``L + 1`` (codes and EOS).
         processor: replaces the trie processor (benchmarks: a timed wrapper, or transformers' own).
-        share_prompt: encode each prompt once and share its KV cache across beams (:func:`shared_prompt_cache`);
-            ``False`` is plain ``generate`` (identical results up to float rounding).
         renormalize: score each step over the trie's allowed tokens only (see :class:`TrieLogitsProcessor`).
         exclude: ``(rows, items)`` pairs never to return (a user's history under ``mask_history``). Excluded inside
             the search (:meth:`CodeTrie.blocked_nodes`), so the K results are the best K *remaining* items rather
@@ -155,10 +155,14 @@ def generate_topk(
     config = beam_generation_config(
         num_beams, num_return_sequences, max_new_tokens or code_length + 1, pad, eos, getattr(tokenizer, "bos_token_id", None)
     )
-    trie.to(prompts_input_ids.device)
+    if trie.device != prompts_input_ids.device:
+        raise ValueError(
+            f"the code trie is on {trie.device} but the prompts are on {prompts_input_ids.device}: register the trie "
+            "as a submodule of the model's LightningModule (Lightning moves it) or call trie.to(device)"
+        )
     if processor is not None and exclude is not None:
         raise ValueError("`exclude` needs the built-in trie processor; a custom `processor` cannot apply it")
-    blocked = None if exclude is None else trie.blocked_nodes(exclude[0].to(trie.device), exclude[1].to(trie.device), batch)
+    blocked = None if exclude is None else trie.blocked_nodes(exclude[0], exclude[1], batch)
     view = build_view(trie, prompts_input_ids, [pad]) if code_view and processor is None else None
     search_trie, search_ids = (trie, prompts_input_ids) if view is None else (view.trie, view.to_view(prompts_input_ids))
     if view is not None:
@@ -167,9 +171,8 @@ def generate_topk(
         [processor if processor is not None else TrieLogitsProcessor(search_trie, prompt_len, renormalize=renormalize, blocked=blocked)]
     )
     with isolated_generation_config(model), torch.inference_mode():
-        cache = {}
-        if share_prompt and prompt_len > 1 and num_beams > 1:  # before the view: the prompt in the model's own ids
-            cache[cache_keyword(model.get_decoder())] = shared_prompt_cache(model, prompts_input_ids, attention_mask, num_beams)
+        # before the view: the prompt in the model's own ids
+        cache = prompt_cache_kwargs(model, prompts_input_ids, attention_mask, num_beams)
         with contextlib.nullcontext() if view is None else vocabulary_view(model, view, exact_normaliser=not renormalize):
             out = model.generate(
                 input_ids=search_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors, **cache
@@ -200,47 +203,59 @@ def _rank_distinct(items: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Ten
     return torch.where(torch.isfinite(scores), items, -1), scores
 
 
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How constrained beam search ranks items; decoding is always deterministic (``do_sample=False``).
+
+    Args:
+        num_beams: beam width.
+        top_k: items kept per prompt (``num_return_sequences``), at most ``num_beams``.
+        renormalize: score each step over the trie's allowed tokens only (models trained with ``code_softmax: trie``).
+        mask_history: never return the items in the batch's ``seen_rows``/``seen_items`` (excluded inside the
+            search, so all ``top_k`` slots go to unseen items).
+        do_sample: stated explicitly and must stay ``False``: rankings are the deterministic beam search's, never
+            sampled, whatever the checkpoint's ``generation_config`` says.
+    """
+
+    num_beams: int = 20
+    top_k: int = 20
+    renormalize: bool = False
+    mask_history: bool = False
+    do_sample: bool = False
+
+    def __post_init__(self) -> None:
+        if self.do_sample:
+            raise ValueError("constrained evaluation ranks items by deterministic beam search: do_sample must be False")
+        if not 1 <= self.top_k <= self.num_beams:
+            raise ValueError(f"top_k must be in [1, num_beams={self.num_beams}], got {self.top_k}")
+
+
 @dataclass
 class BeamBatchResult:
     """One evaluation batch: ``items``/``scores`` ``[B, K]`` and the target's 0-based ``ranks`` ``[B]`` (K = miss)."""
 
     items: torch.Tensor
     scores: torch.Tensor
-    ranks: torch.Tensor
+    ranks: torch.Tensor | None
 
 
 def beam_eval_batch(
-    module, batch: dict[str, torch.Tensor], num_beams: int = 20, top_k: int = 20, renormalize: bool | None = None,
-    mask_history: bool | None = None,
+    model, tokenizer, trie: CodeTrie, batch: dict[str, torch.Tensor], config: DecodingConfig
 ) -> BeamBatchResult:
-    """Beam-search one eval batch of a module exposing ``.model``, ``.tokenizer`` and ``.code_trie``.
-
-    For a LightningModule's ``validation_step``/``test_step``::
-
-        result = beam_eval_batch(self, batch, self.num_beams, self.top_k)
-        self.test_metrics.update(result.ranks)
+    """Beam-search one batch of left-padded prompts and rank each row's ``target_item`` among the results.
 
     Args:
-        module: the module (its ``code_trie`` is moved to the batch's device once).
-        batch: ``input_ids``/``attention_mask`` (left-padded prompts) and ``target_item`` ``[B]``.
-        num_beams: beam width.
-        top_k: items kept per user (``num_return_sequences``).
-        renormalize: renormalise step scores over the allowed tokens; ``None`` takes the module's
-            ``renormalize_codes`` (true for models trained with ``code_softmax: trie``).
-        mask_history: never return the items in the batch's ``seen_rows``/``seen_items`` (excluded inside the beam
-            search, so all ``top_k`` slots go to unseen items); ``None`` takes the module's ``mask_history``
-            (false when it has none).
+        model: a HF causal LM (or a peft wrapper of one).
+        tokenizer: supplies the pad/EOS/BOS ids.
+        trie: the valid item codes, on the batch's device.
+        batch: ``input_ids``/``attention_mask`` (left-padded prompts), optionally ``target_item`` ``[B]`` (no ranks
+            without it, e.g. when serving) and, under ``config.mask_history``, ``seen_rows``/``seen_items``.
+        config: beam width, K, renormalisation and history masking.
     """
-    if renormalize is None:
-        renormalize = bool(getattr(module, "renormalize_codes", False))
-    if mask_history is None:
-        mask_history = bool(getattr(module, "mask_history", False))
-    device = batch["input_ids"].device
-    if module.code_trie.device != device:
-        module.code_trie.to(device)
-    exclude = (batch["seen_rows"].to(device), batch["seen_items"].to(device)) if mask_history else None
+    exclude = (batch["seen_rows"], batch["seen_items"]) if config.mask_history else None
     items, scores = generate_topk(
-        module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], module.code_trie, num_beams, top_k,
-        renormalize=renormalize, exclude=exclude,
+        model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, config.num_beams, config.top_k,
+        renormalize=config.renormalize, exclude=exclude,
     )
-    return BeamBatchResult(items, scores, rank_in_list(items, batch["target_item"].to(device)))
+    target = batch.get("target_item")
+    return BeamBatchResult(items, scores, None if target is None else rank_in_list(items, target))

@@ -185,12 +185,13 @@ class ResidualCodebook(nn.Module):
         return {"behaviour_loss": self.behaviour_loss(out)}
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear layers of the given widths with ``activation`` between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(activation())
     return nn.Sequential(*layers)
 
 
@@ -225,8 +226,8 @@ class RQVAE(ResidualCodebook):
     ) -> None:
         super().__init__(latent_dim, num_levels, codebook_size, distance)
         self.input_dim, self.hidden_dims, self.beta, self.reconstruction_weight = dim, tuple(hidden_dims), beta, reconstruction_weight
-        self.encoder = _mlp([dim, *hidden_dims, latent_dim])
-        self.decoder = _mlp([latent_dim, *reversed(hidden_dims), dim])
+        self.encoder = mlp([dim, *hidden_dims, latent_dim])
+        self.decoder = mlp([latent_dim, *reversed(hidden_dims), dim])
 
     def config(self) -> dict:
         return {"variant": "rqvae", "dim": self.input_dim, "num_levels": self.num_levels, "codebook_size": self.codebook_size,

@@ -22,9 +22,11 @@ enters a prefix without an allowed item and all ``num_beams`` beams are spent on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import copy
+from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 from transformers import LogitsProcessor
 
 from datamodules.errors import SemConvError
@@ -34,8 +36,11 @@ class CodeCollisionError(SemConvError):
     """Two items share a full code tuple, so generated codes could not be mapped back to one item."""
 
 
-class CodeTrie:
+class CodeTrie(nn.Module):
     """Prefix trie over unique, equal-length item codes, precomputed as tensors.
+
+    The tables are non-persistent buffers: as a submodule of a LightningModule they follow it to its device (and
+    stay out of checkpoints, since they are rebuilt from the item index).
 
     Args:
         codes: one token-id tuple per item (``[N, L]`` tensor or nested sequence), all of length ``L``.
@@ -48,6 +53,7 @@ class CodeTrie:
     """
 
     def __init__(self, codes: torch.Tensor | Sequence[Sequence[int]], eos_token_id: int, items: Sequence[int] | None = None) -> None:
+        super().__init__()
         rows = [tuple(int(t) for t in row) for row in (codes.tolist() if isinstance(codes, torch.Tensor) else codes)]
         item_ids = list(range(len(rows))) if items is None else [int(item) for item in items]
         if not rows or len(item_ids) != len(rows):
@@ -99,14 +105,27 @@ class CodeTrie:
         items_below[0] = len(rows)
         leaf_of_item = torch.full((max(item_ids) + 1,), -1, dtype=torch.long)
         leaf_of_item[torch.tensor(item_ids)] = leaf_rows
-        self.next_state = next_state
-        self.allowed = next_state >= 0
-        self.path_of_leaf = path_of_leaf
-        self.items_below = items_below
-        self.leaf_of_item = leaf_of_item
-        self.token_slot = token_slot
-        self.level_tokens = [torch.tensor(tokens, dtype=torch.long) for tokens in level_tokens]
-        self.item_of_leaf = item_of_leaf
+        flat_tokens = torch.tensor([token for tokens in level_tokens for token in tokens], dtype=torch.long)
+        tables = {"next_state": next_state, "allowed": next_state >= 0, "path_of_leaf": path_of_leaf,
+                  "items_below": items_below, "leaf_of_item": leaf_of_item, "token_slot": token_slot,
+                  "item_of_leaf": item_of_leaf, "level_token_table": flat_tokens}
+        for name, table in tables.items():
+            self.register_buffer(name, table, persistent=False)
+        self.level_sizes = [len(tokens) for tokens in level_tokens]
+
+    @property
+    def level_tokens(self) -> tuple[torch.Tensor, ...]:
+        """The sorted token ids that occur at each depth (``level_tokens[d][slot]`` is the token of a slot)."""
+        return self.level_token_table.split(self.level_sizes)
+
+    def rekeyed(self, level_tokens: Sequence[torch.Tensor], token_slot: torch.Tensor, eos_token_id: int) -> CodeTrie:
+        """The same trie (shared node tables) over other token ids, e.g. the positions of a vocabulary view."""
+        other = copy.copy(self)
+        other._buffers = dict(self._buffers)  # the copy's own buffer table: the original keeps its token ids
+        other._buffers["level_token_table"] = torch.cat(list(level_tokens))
+        other._buffers["token_slot"] = token_slot
+        other.eos_token_id = int(eos_token_id)
+        return other
 
     @classmethod
     def from_index(
@@ -136,15 +155,9 @@ class CodeTrie:
             items, codes = list(first.values()), list(first.keys())
         return cls(codes, tokenizer.eos_token_id if eos_token_id is None else eos_token_id, items)
 
-    def to(self, device: torch.device | str) -> "CodeTrie":
-        """Move the tables to ``device`` (in place; returns self)."""
-        for name in ("next_state", "allowed", "token_slot", "item_of_leaf", "path_of_leaf", "items_below", "leaf_of_item"):
-            setattr(self, name, getattr(self, name).to(device))
-        self.level_tokens = [tokens.to(device) for tokens in self.level_tokens]
-        return self
-
     @property
     def device(self) -> torch.device:
+        """Where the tables are."""
         return self.next_state.device
 
     def walk(self, generated: torch.Tensor) -> torch.Tensor:
@@ -200,13 +213,12 @@ class TrieLogitsProcessor(LogitsProcessor):
     prompts are left-padded to one length), so the depth is a Python int taken from the input shape. After ``L``
     code tokens, and for any row whose tokens left the trie, only EOS is allowed.
 
+    The mask is written into ``scores``: HF beam search passes a fresh ``log_softmax`` output that nothing else
+    holds, and a new ``[rows, vocab]`` buffer per step would cost more than the masking itself on CPU.
+
     Args:
-        trie: the code trie (moved to the scores' device on first use).
-        prompt_len: length of the (padded) prompt; ``None`` takes it from the first call, which must be the
-            one on the prompt itself (create one processor per ``generate`` call, or call :meth:`reset`).
-        inplace: write the mask into ``scores`` (default). HF beam search passes a fresh ``log_softmax`` output
-            that nothing else holds, and a new ``[rows, vocab]`` buffer per step costs more than the masking
-            itself on CPU (page faults on ~40 MB for 20 beams x 16 prompts x 33k tokens). ``False`` returns a copy.
+        trie: the code trie, on the scores' device.
+        prompt_len: length of the (padded) prompt; generated tokens start there.
         renormalize: subtract each row's log-sum-exp over its allowed tokens, so a step's scores are
             log-probabilities *given* the trie (for models trained with the trie-restricted code softmax, whose
             vocabulary-wide mass outside the codes is untrained). Off: scores stay the model's own log-probs.
@@ -217,36 +229,25 @@ class TrieLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(
-        self, trie: CodeTrie, prompt_len: int | None = None, inplace: bool = True, renormalize: bool = False,
-        blocked: torch.Tensor | None = None,
+        self, trie: CodeTrie, prompt_len: int, renormalize: bool = False, blocked: torch.Tensor | None = None
     ) -> None:
         self.trie = trie
         self.prompt_len = prompt_len
-        self._detected = False
-        self.inplace = inplace
         self.renormalize = renormalize
         self.blocked = blocked
         self._prompt_of_row: torch.Tensor | None = None
 
-    def reset(self) -> None:
-        """Forget a prompt length detected from a previous ``generate`` call."""
-        if self._detected:
-            self.prompt_len, self._detected = None, False
-
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prompt_len is None:
-            self.prompt_len, self._detected = input_ids.shape[1], True
-        trie = self.trie if self.trie.device == scores.device else self.trie.to(scores.device)
+        trie = self.trie
         depth = input_ids.shape[1] - self.prompt_len
         if depth < 0:
             raise ValueError(f"input has {input_ids.shape[1]} tokens, fewer than the prompt length {self.prompt_len}")
-        out = scores if self.inplace else torch.empty_like(scores)
         eos = trie.eos_token_id
         if depth >= trie.code_length:
             kept = torch.zeros_like(scores[:, eos]) if self.renormalize else scores[:, eos].clone()
-            out.fill_(-float("inf"))
-            out[:, eos] = kept
-            return out
+            scores.fill_(-float("inf"))
+            scores[:, eos] = kept
+            return scores
         state = trie.walk(input_ids[:, self.prompt_len :])
         tokens = trie.level_tokens[depth]
         child = trie.next_state[state.clamp(min=0), : tokens.numel()]
@@ -258,44 +259,15 @@ class TrieLogitsProcessor(LogitsProcessor):
             kept = kept.masked_fill(self._blocked_children(child), -float("inf"))
         # A row whose prefix left the trie may only end (keeps such dead beams from spelling codes).
         dead_eos = torch.where(state >= 0, -float("inf"), scores[:, eos])
-        out.fill_(-float("inf"))
-        out.index_copy_(1, tokens, kept)
-        out[:, eos] = dead_eos
-        return out
+        scores.fill_(-float("inf"))
+        scores.index_copy_(1, tokens, kept)
+        scores[:, eos] = dead_eos
+        return scores
 
     def _blocked_children(self, child: torch.Tensor) -> torch.Tensor:
         rows, prompts = child.shape[0], self.blocked.shape[0]
         if rows % prompts:
             raise ValueError(f"{rows} score rows are not a whole number of beams for the {prompts} prompts of `blocked`")
-        self.blocked = self.blocked.to(child.device)
         if self._prompt_of_row is None or self._prompt_of_row.shape[0] != rows or self._prompt_of_row.device != child.device:
             self._prompt_of_row = torch.arange(rows, device=child.device) // (rows // prompts)
         return self.blocked[self._prompt_of_row[:, None], child.long().clamp(min=0)]
-
-
-def dict_trie_prefix_fn(
-    index: Sequence[Sequence[int]], prompt_len: int, eos_id: int
-) -> Callable[[int, torch.Tensor], list[int]]:
-    """The LC-Rec-style reference: a Python dict trie for transformers' ``PrefixConstrainedLogitsProcessor``.
-
-    ``table[prefix]`` lists the allowed next tokens of every generated prefix (``[eos]`` after a full code);
-    a prefix outside the trie may only end, as with :class:`TrieLogitsProcessor`.
-
-    Args:
-        index: code token-id tuples (one per item).
-        prompt_len: length of the (padded) prompt; generated tokens start there.
-        eos_id: end-of-sequence token id.
-    """
-    children: dict[tuple[int, ...], dict[int, None]] = {}
-    for row in index:
-        row = tuple(int(token) for token in row)
-        for depth in range(len(row)):
-            children.setdefault(row[:depth], {})[row[depth]] = None
-        children.setdefault(row, {})[eos_id] = None
-    table = {prefix: list(nxt) for prefix, nxt in children.items()}
-    fallback = [eos_id]
-
-    def prefix_allowed_tokens_fn(batch_id: int, sentence: torch.Tensor) -> list[int]:
-        return table.get(tuple(sentence[prompt_len:].tolist()), fallback)
-
-    return prefix_allowed_tokens_fn
