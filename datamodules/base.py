@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.catalogue import Catalogue, DataFormatError, find_lcrec_name, lcrec_paths, load_lcrec
+from datamodules.errors import require
 from datamodules.split import LeaveLastOutSplit
 from datamodules.synthetic import SyntheticSpec, write_synthetic
 
@@ -67,6 +68,10 @@ class RecDataModule(L.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
+        require(max_history >= 1, "data.init_args.max_history", ">= 1", max_history)
+        require(batch_size >= 1, "data.init_args.batch_size", ">= 1", batch_size)
+        require(eval_batch_size >= 1, "data.init_args.eval_batch_size", ">= 1", eval_batch_size)
+        require(num_workers >= 0, "data.init_args.num_workers", ">= 0", num_workers)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.dataset = dataset
@@ -163,7 +168,9 @@ class RecDataModule(L.LightningDataModule):
         sampler = None
         if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Lightning's default DistributedSampler pads with repeated samples; evaluation must see each user once.
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+            from lightning.pytorch.overrides.distributed import (
+                UnrepeatedDistributedSampler,
+            )
 
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import Source, _identity_collate
+from datamodules.errors import require
 from datamodules.sequence import SequenceDataModule
 from datamodules.synthetic import SyntheticSpec
 
@@ -159,8 +160,7 @@ class GraphDataModule(SequenceDataModule):
         num_negatives: int = 1,
     ) -> None:
         super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        require(num_negatives >= 1, "data.init_args.num_negatives", ">= 1", num_negatives)
         self.num_negatives = num_negatives
         self.adjacency: torch.Tensor | None = None
 

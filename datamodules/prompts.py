@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import RecDataModule, Source, _identity_collate
+from datamodules.errors import require
 from datamodules.item_index import ItemIndex, load_item_index
 from datamodules.prompt_tasks import PromptTasks, TaskWeights
 from datamodules.split import SampleIndex
@@ -39,6 +40,8 @@ from datamodules.synthetic import SyntheticSpec
 log = logging.getLogger(__name__)
 
 Preset = Literal["all", "behaviour_only"]
+# The instruction templates alone take ~50 Llama tokens: a shorter limit would drop every training sample.
+MIN_MAX_LENGTH = 64
 PRESETS = {"all": TaskWeights(), "behaviour_only": TaskWeights(sequential=1.0, negative=1.0, text=0.0, query=0.0)}
 
 
@@ -150,16 +153,14 @@ class PromptDataModule(RecDataModule):
         pack_prompts: int = 0,
     ) -> None:
         super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
-        if preset is not None and tasks is not None and tasks != PRESETS[preset]:
-            raise ValueError(f"preset {preset!r} replaces `tasks`, but tasks={tasks} was also given; set one or the other")
-        if negative_ratio < 0:
-            raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if pack_prompts < 0:
-            raise ValueError(f"pack_prompts must be >= 0 (0 = no packing), got {pack_prompts}")
-        if eval_max_users is not None and eval_max_users < 1:
-            raise ValueError(f"eval_max_users must be >= 1 or null, got {eval_max_users}")
+        field = "data.init_args."
+        require(preset is None or tasks is None or tasks == PRESETS[preset], field + "tasks",
+                f"unset when preset {preset!r} is set (the preset replaces it; set one or the other)", tasks)
+        require(negative_ratio >= 0, field + "negative_ratio", ">= 0 (0 = no negative-behaviour samples)", negative_ratio)
+        require(max_length >= MIN_MAX_LENGTH, field + "max_length", f">= {MIN_MAX_LENGTH} (tokens of prompt + response)",
+                max_length)
+        require(pack_prompts >= 0, field + "pack_prompts", ">= 0 (0 = no packing)", pack_prompts)
+        require(eval_max_users is None or eval_max_users >= 1, field + "eval_max_users", ">= 1 or null", eval_max_users)
         self.index = index
         self.dedupe_collisions = dedupe_collisions
         self.task_weights = PRESETS[preset] if preset is not None else (tasks or TaskWeights())
