@@ -103,7 +103,8 @@ def test_dccf_ddp_exports_and_matches_single_process(synthetic_dir, tmp_path):
 
 @NEEDS_WP_A
 def test_codebook_ddp_exports_and_its_validation_matches_single_process(synthetic_dir, tmp_path):
-    """The collision statistics gather every item's codes: 2 processes see the catalogue 1 process sees."""
+    """The collision statistics gather every item's codes: 2 processes see the catalogue 1 process sees (the
+    validation losses are each rank's own mean, not synced, so they are not compared)."""
     torch.save(torch.randn(120, 16, generator=torch.Generator().manual_seed(0)), tmp_path / "item_embeddings.pt")
     export, ddp_root, single_root = tmp_path / "codebook", tmp_path / "ddp", tmp_path / "single"
     override = tmp_path / "codebook.yaml"
@@ -125,8 +126,9 @@ def test_codebook_ddp_exports_and_its_validation_matches_single_process(syntheti
     last = ddp_root / "csv" / "version_0" / "checkpoints" / "last.ckpt"
     cli("validate", [*tiny_run_args("synthetic/codebook.yaml", synthetic_dir, single_root, *args), *SINGLE,
                      "--ckpt_path", str(last)], tmp_path)
-    two, one = metrics(ddp_root, "val")["metrics"], metrics(single_root, "val")["metrics"]
-    assert "collision_rate" in one and two == pytest.approx(one, abs=1e-6)
+    two, one = ({key: value for key, value in metrics(root, "val")["metrics"].items()
+                 if key == "collision_rate" or key.startswith("level")} for root in (ddp_root, single_root))
+    assert "collision_rate" in one and "level3/perplexity" in one and two == pytest.approx(one, abs=1e-6)
 
 
 def test_llm_ddp_evaluates_exports_and_matches_single_process(synthetic_dir, tiny_tokenizer, tmp_path):
