@@ -151,7 +151,7 @@ class CountingRecommender(IDRecommender):
     """
 
     def __init__(self, mask_history: bool = True, top_k: int = 20) -> None:
-        super().__init__(lr=0.0, weight_decay=0.0, mask_history=mask_history, top_k=top_k)
+        super().__init__(mask_history=mask_history, top_k=top_k)  # the optimiser settings go unused
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise RuntimeError(f"{type(self).__name__} has nothing to train: run `lightning test` with its config instead of `fit`.")
