@@ -33,8 +33,9 @@ def contains(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return sorted_keys[np.minimum(position, sorted_keys.size - 1)] == queries
 
 
-def sample_negatives(keys: np.ndarray, users: np.ndarray, num_items: int, rng: np.random.Generator,
-                     max_rounds: int = 1000) -> np.ndarray:
+def sample_negatives(
+    keys: np.ndarray, users: np.ndarray, num_items: int, rng: np.random.Generator, max_rounds: int = 1000
+) -> np.ndarray:
     """One item per entry of ``users``, uniform over the items whose ``(user, item)`` key is not in ``keys``.
 
     Rejection sampling, vectorised: every negative is drawn at once, then only the rejected ones are redrawn, so

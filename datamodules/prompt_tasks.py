@@ -105,7 +105,9 @@ class PromptTasks:
         # negatives exclude the training interactions only (no held-out target): see datamodules.negatives
         self.keys = interaction_keys(*split.train_interactions(), catalogue.num_items)
         if weights.negative > 0 and negative_ratio > 0 and (np.bincount(self.keys // catalogue.num_items) >= catalogue.num_items).any():
-            raise ValueError("a user interacted with every item in training, so no negative item exists; set negative_ratio: 0")
+            raise ValueError(
+                "a user interacted with every item in training, so no negative item exists; set negative_ratio: 0"
+            )
         self._build_text_pairs()
         self._build_queries()
         self.tokenizer = None

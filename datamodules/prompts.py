@@ -182,9 +182,8 @@ class PromptDataModule(RecDataModule):
         field = "data.init_args."
         require(preset is None or tasks is None or tasks == PRESETS[preset], field + "tasks",
                 f"unset when preset {preset!r} is set (the preset replaces `tasks`; set one or the other)", tasks)
-        require(negative_ratio >= 0, field + "negative_ratio", ">= 0 (0 = no negative-behaviour samples)", negative_ratio)
-        require(max_length >= MIN_MAX_LENGTH, field + "max_length", f">= {MIN_MAX_LENGTH} (tokens of prompt + response)",
-                max_length)
+        require(negative_ratio >= 0, field + "negative_ratio", ">= 0 (0 = no negative task)", negative_ratio)
+        require(max_length >= MIN_MAX_LENGTH, field + "max_length", f">= {MIN_MAX_LENGTH} tokens", max_length)
         require(pack_prompts >= 0, field + "pack_prompts", ">= 0 (0 = no packing)", pack_prompts)
         require(eval_max_users is None or eval_max_users >= 1, field + "eval_max_users", ">= 1 or null", eval_max_users)
         self.index = index

@@ -36,7 +36,8 @@ def check_sequence_model(hidden_size: int, num_layers: int, dropout: float, max_
     require(0 <= label_smoothing < 1, field + "label_smoothing", "in [0, 1)", label_smoothing)
     if num_heads is not None:
         require(num_heads >= 1, field + "num_heads", ">= 1", num_heads)
-        require(hidden_size % num_heads == 0, field + "hidden_size", f"a multiple of num_heads={num_heads}", hidden_size)
+        multiple = f"a multiple of num_heads={num_heads}"
+        require(hidden_size % num_heads == 0, field + "hidden_size", multiple, hidden_size)
 
 
 class SASRec(IDRecommender):

@@ -30,14 +30,17 @@ def cli(subcommand: str, args: list[str], cwd: Path) -> None:
     """Run ``python -m lightning_modules.cli`` in a new process group; kill the whole group on timeout."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     command = [sys.executable, "-m", "lightning_modules.cli", subcommand, *args]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the DDP launcher's worker ranks are in this group too
         output, _ = process.communicate()
-        pytest.fail(f"`{subcommand}` did not finish in {TIMEOUT_S}s (a rank waiting in a collective?):\n{output[-3000:]}")
+        pytest.fail(
+            f"`{subcommand}` did not finish in {TIMEOUT_S}s (a rank waiting in a collective?):\n{output[-3000:]}"
+        )
     assert process.returncode == 0, f"`{subcommand}` failed ({process.returncode}):\n{output[-4000:]}"
 
 
@@ -50,8 +53,11 @@ def fit_ddp_then_test_single(config: str, data_dir: Path, tmp_path: Path, *extra
     ddp_root, single_root = tmp_path / "ddp", tmp_path / "single"
     cli("fit", [*tiny_run_args(config, data_dir, ddp_root, *extra), *DDP, "--test_after_fit=true"], tmp_path)
     two = metrics(ddp_root, "test")
-    cli("test", [*tiny_run_args(config, data_dir, single_root, *extra), *SINGLE, "--ckpt_path", two["best_checkpoint"]],
-        tmp_path)
+    cli(
+        "test",
+        [*tiny_run_args(config, data_dir, single_root, *extra), *SINGLE, "--ckpt_path", two["best_checkpoint"]],
+        tmp_path,
+    )
     return two, metrics(single_root, "test")
 
 
@@ -62,8 +68,9 @@ def assert_same_metrics(two: dict, one: dict) -> None:
 
 @pytest.mark.parametrize("config", ["synthetic/sasrec.yaml", "synthetic/bert4rec.yaml", "synthetic/fmlp.yaml"])
 def test_id_baseline_ddp_matches_single_process(config, synthetic_dir, tmp_path):
-    two, one = fit_ddp_then_test_single(config, synthetic_dir, tmp_path, "--trainer.max_epochs=1",
-                                        "--trainer.limit_train_batches=2")
+    two, one = fit_ddp_then_test_single(
+        config, synthetic_dir, tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"
+    )
     assert_same_metrics(two, one)
     assert two["dataset"]["users"] == 300
 
@@ -81,7 +88,8 @@ def exporter_override(tmp_path: Path, class_path: str, output_dir: Path) -> list
     override = tmp_path / "callbacks.yaml"
     override.write_text(
         "trainer:\n  enable_progress_bar: false\n  callbacks:\n"
-        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {monitor: val/ndcg@10, mode: max}}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {monitor: val/ndcg@10, mode: max}\n"
         "    - class_path: callbacks.MetricsWriter\n"
         f"    - {{class_path: {class_path}, init_args: {{output_dir: '{output_dir}'}}}}\n"
     )
@@ -92,8 +100,12 @@ def exporter_override(tmp_path: Path, class_path: str, output_dir: Path) -> list
 def test_dccf_ddp_exports_and_matches_single_process(synthetic_dir, tmp_path):
     export = tmp_path / "embeddings"
     two, one = fit_ddp_then_test_single(
-        "synthetic/dccf.yaml", synthetic_dir, tmp_path, *exporter_override(tmp_path, "callbacks.ItemEmbeddingExporter", export),
-        "--trainer.max_epochs=2", "--model.init_args.num_intents=16",
+        "synthetic/dccf.yaml",
+        synthetic_dir,
+        tmp_path,
+        *exporter_override(tmp_path, "callbacks.ItemEmbeddingExporter", export),
+        "--trainer.max_epochs=2",
+        "--model.init_args.num_intents=16",
     )
     assert_same_metrics(two, one)
     manifest = json.loads((export / "manifest.json").read_text())
@@ -116,18 +128,41 @@ def test_codebook_ddp_exports_and_its_validation_matches_single_process(syntheti
         f"    - {{class_path: callbacks.CodeIndexExporter, init_args: {{output_dir: '{export}'}}}}\n"
         "    - class_path: callbacks.MetricsWriter\n"
     )
-    args = ["--config", str(override), "--data.init_args.embeddings", str(tmp_path / "item_embeddings.pt"),
-            "--model.init_args.num_levels=3", "--model.init_args.codebook_size=8"]
-    cli("fit", [*tiny_run_args("synthetic/codebook.yaml", synthetic_dir, ddp_root, *args, "--trainer.max_epochs=2"), *DDP],
-        tmp_path)
+    args = [
+        "--config",
+        str(override),
+        "--data.init_args.embeddings",
+        str(tmp_path / "item_embeddings.pt"),
+        "--model.init_args.num_levels=3",
+        "--model.init_args.codebook_size=8",
+    ]
+    cli(
+        "fit",
+        [*tiny_run_args("synthetic/codebook.yaml", synthetic_dir, ddp_root, *args, "--trainer.max_epochs=2"), *DDP],
+        tmp_path,
+    )
     index = json.loads((export / "index.json").read_text())
     assert sorted(map(int, index)) == list(range(120)) and all(len(codes) == 3 for codes in index.values())
     assert json.loads((export / "manifest.json").read_text())["num_items"] == 120
     last = ddp_root / "csv" / "version_0" / "checkpoints" / "last.ckpt"
-    cli("validate", [*tiny_run_args("synthetic/codebook.yaml", synthetic_dir, single_root, *args), *SINGLE,
-                     "--ckpt_path", str(last)], tmp_path)
-    two, one = ({key: value for key, value in metrics(root, "val")["metrics"].items()
-                 if key == "collision_rate" or key.startswith("level")} for root in (ddp_root, single_root))
+    cli(
+        "validate",
+        [
+            *tiny_run_args("synthetic/codebook.yaml", synthetic_dir, single_root, *args),
+            *SINGLE,
+            "--ckpt_path",
+            str(last),
+        ],
+        tmp_path,
+    )
+    two, one = (
+        {
+            key: value
+            for key, value in metrics(root, "val")["metrics"].items()
+            if key == "collision_rate" or key.startswith("level")
+        }
+        for root in (ddp_root, single_root)
+    )
     assert "collision_rate" in one and "level3/perplexity" in one and two == pytest.approx(one, abs=1e-6)
 
 
@@ -138,10 +173,20 @@ def test_llm_ddp_evaluates_exports_and_matches_single_process(synthetic_dir, tin
     index = write_index(tmp_path / "index.json", synthetic_codes())
     export = tmp_path / "llm"
     two, one = fit_ddp_then_test_single(
-        "synthetic/llm.yaml", synthetic_dir, tmp_path, *exporter_override(tmp_path, "callbacks.LLMExporter", export),
-        "--data.init_args.index", str(index), "--data.init_args.eval_max_users=9", "--model.init_args.tokenizer_path",
-        str(tiny_tokenizer), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+        "synthetic/llm.yaml",
+        synthetic_dir,
+        tmp_path,
+        *exporter_override(tmp_path, "callbacks.LLMExporter", export),
+        "--data.init_args.index",
+        str(index),
+        "--data.init_args.eval_max_users=9",
+        "--model.init_args.tokenizer_path",
+        str(tiny_tokenizer),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
     )
     assert_same_metrics(two, one)
     manifest = json.loads((export / "manifest.json").read_text())
-    assert manifest["weights"] == "model" and json.loads((export / "index.json").read_text()) == json.loads(index.read_text())
+    assert manifest["weights"] == "model" and json.loads((export / "index.json").read_text()) == json.loads(
+        index.read_text()
+    )

@@ -29,5 +29,7 @@ def test_same_order_as_the_transformers_helper_it_replaces(size, batch_size):
     if size == 0:
         assert ours.tolist() == []
         return
-    theirs = helpers.get_length_grouped_indices(lengths.tolist(), batch_size, generator=torch.Generator().manual_seed(3))
+    theirs = helpers.get_length_grouped_indices(
+        lengths.tolist(), batch_size, generator=torch.Generator().manual_seed(3)
+    )
     assert ours.tolist() == theirs

@@ -59,14 +59,16 @@ def test_dccf_and_llm_negatives_exclude_training_interactions_only(synthetic_dir
     graph = GraphDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", num_negatives=8)
     graph.setup("fit")
     index = write_index(tmp_path / "index.json", synthetic_codes())
-    prompts = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index),
-                               negative_ratio=8)
+    prompts = PromptDataModule(
+        data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=8
+    )
     prompts.setup("fit")
     catalogue = graph.catalogue
     train_keys = interaction_keys(*graph.split.train_interactions(), catalogue.num_items)
     ends = catalogue.offsets[1:]
-    held_out = np.concatenate([np.arange(catalogue.num_users) * catalogue.num_items + catalogue.items[ends - offset]
-                               for offset in (1, 2)])  # test and validation targets
+    held_out = np.concatenate(
+        [np.arange(catalogue.num_users) * catalogue.num_items + catalogue.items[ends - offset] for offset in (1, 2)]
+    )  # test and validation targets
     held_out = held_out[~contains(train_keys, held_out)]
     dataset = graph.datasets["train"]
     dccf = np.repeat(dataset.users, 8).astype(np.int64) * catalogue.num_items + dataset.negatives(0).ravel()
