@@ -139,13 +139,13 @@ def main(args: list[str] | None = None) -> None:
     Args:
         args: command-line arguments (``sys.argv[1:]`` when None).
     """
-    given = sys.argv[1:] if args is None else args
+    given = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in given or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if DEBUG_FLAG in given:
-        os.environ[DEBUG_ENV] = "1"  # also reaches the worker processes the DDP launcher starts from sys.argv
         given = [arg for arg in given if arg != DEBUG_FLAG]
-        if args is None:
+        if args is None:  # the DDP launcher re-runs sys.argv: its worker processes get the flag from the environment
             sys.argv[1:] = given
-    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+            os.environ[DEBUG_ENV] = "1"
     try:
         build_cli(None if args is None else given)
     except Exception as error:
