@@ -42,6 +42,8 @@ def cli(subcommand: str, args: list[str], cwd: Path) -> None:
             f"`{subcommand}` did not finish in {TIMEOUT_S}s (a rank waiting in a collective?):\n{output[-3000:]}"
         )
     assert process.returncode == 0, f"`{subcommand}` failed ({process.returncode}):\n{output[-4000:]}"
+    if "--trainer.devices=2" in args:
+        assert "MEMBER: 2/2" in output, output[-3000:]  # Lightning's line for the second rank: really 2 processes
 
 
 def metrics(root: Path, stage: str) -> dict:
