@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
 from datamodules.artifacts import atomic_write_json
 
 
 def run_directory(trainer: L.Trainer) -> Path:
-    """The run's log directory (the logger's versioned directory, else ``default_root_dir``)."""
+    """The run's log directory (the logger's versioned directory, else ``default_root_dir``).
+
+    ``trainer.log_dir`` broadcasts rank 0's directory under a distributed strategy, so this must be called on every
+    rank (never from inside a ``rank_zero_only`` hook): a rank that skips it leaves the others waiting forever.
+    """
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -23,7 +26,8 @@ class MetricsWriter(L.Callback):
 
     Each file holds the stage's metrics (``hr@K``/``ndcg@K``), the epoch, the global step and, when a
     checkpoint callback exists, the best checkpoint path and score, so every run leaves a
-    machine-readable result. At test end the metrics are also printed as a table.
+    machine-readable result. At test end the metrics are also printed as a table. Every rank runs the hooks
+    (the run directory is agreed on by a collective); only rank 0 writes and prints.
 
     Args:
         print_table: print a rich table of the test metrics at the end of testing.
@@ -40,9 +44,10 @@ class MetricsWriter(L.Callback):
             if key.startswith(prefix + "/") and value.numel() == 1
         }
 
-    def _write(self, trainer: L.Trainer, prefix: str) -> dict[str, Any] | None:
+    def _write(self, trainer: L.Trainer, prefix: str) -> tuple[Path, dict[str, Any]] | None:
+        directory = run_directory(trainer)  # a collective: every rank must get here
         metrics = self._collect(trainer, prefix)
-        if not metrics:
+        if not metrics or not trainer.is_global_zero:
             return None
         record: dict[str, Any] = {"metrics": metrics, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
         checkpoint = trainer.checkpoint_callback
@@ -55,20 +60,20 @@ class MetricsWriter(L.Callback):
         stats = getattr(datamodule, "statistics", None)
         if stats is not None:
             record["dataset"] = {"name": datamodule.catalogue.name, **stats.as_dict()}
-        atomic_write_json(run_directory(trainer) / f"{prefix}_metrics.json", record)
-        return record
+        path = directory / f"{prefix}_metrics.json"
+        atomic_write_json(path, record)
+        return path, record
 
-    @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._write(trainer, "val")
 
-    @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        record = self._write(trainer, "test")
-        if record is not None and self.print_table:
+        written = self._write(trainer, "test")
+        if written is not None and self.print_table:
+            path, record = written
             print_metrics_table(record["metrics"], title="test metrics")
-            print(f"written to {run_directory(trainer) / 'test_metrics.json'}")
+            print(f"written to {path}")
 
 
 def print_metrics_table(metrics: dict[str, float], title: str) -> None:

@@ -15,9 +15,10 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.catalogue import Catalogue, DataFormatError, find_lcrec_name, lcrec_paths, load_lcrec
+from datamodules.errors import require
 from datamodules.split import LeaveLastOutSplit
 from datamodules.synthetic import SyntheticSpec, write_synthetic
 
@@ -33,6 +34,25 @@ def _raw_amazon_present(data_dir: Path, category: str | None) -> bool:
         return find_raw_files(data_dir, category) is not None
     except DataFormatError:
         return False
+
+
+class UnrepeatedSampler(DistributedSampler):
+    """Evaluation shards: rank ``r`` of ``W`` takes rows ``r, r + W, r + 2W, ...``, so every row is seen exactly once.
+
+    torch's ``DistributedSampler`` pads the shards with repeated rows to equal length, which would count some users
+    twice in the metrics. It subclasses ``DistributedSampler`` so Lightning does not shard it a second time.
+
+    Args:
+        dataset: the evaluation dataset (needs ``len``); rank and world size come from ``torch.distributed``.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, shuffle=False)
+        self.total_size = len(dataset)
+        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class RecDataModule(L.LightningDataModule):
@@ -67,6 +87,10 @@ class RecDataModule(L.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
+        require(max_history >= 1, "data.init_args.max_history", ">= 1", max_history)
+        require(batch_size >= 1, "data.init_args.batch_size", ">= 1", batch_size)
+        require(eval_batch_size >= 1, "data.init_args.eval_batch_size", ">= 1", eval_batch_size)
+        require(num_workers >= 0, "data.init_args.num_workers", ">= 0", num_workers)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.dataset = dataset
@@ -163,9 +187,7 @@ class RecDataModule(L.LightningDataModule):
         sampler = None
         if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Lightning's default DistributedSampler pads with repeated samples; evaluation must see each user once.
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+            sampler = UnrepeatedSampler(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -18,3 +18,19 @@ class ConfigError(SemConvError):
 
 class ArtifactError(SemConvError):
     """A stage artifact is missing, incomplete, edited by hand or written for other inputs."""
+
+
+def require(condition: bool, field: str, allowed: str, value: object) -> None:
+    """Refuse a configuration value at construction: raise :class:`ConfigError` unless ``condition`` holds.
+
+    Args:
+        condition: whether the value is acceptable.
+        field: the setting as the user writes it, e.g. ``data.init_args.batch_size``.
+        allowed: what the setting must be, completing "must be ...", e.g. ``"> 0"`` or ``"in [0, 1)"``.
+        value: the value given (shown in the message).
+
+    Raises:
+        ConfigError: "``field`` must be ``allowed``, got ``value``" with the fix.
+    """
+    if not condition:
+        raise ConfigError(f"{field} must be {allowed}, got {value!r}. Change it in the config or on the command line.")

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import Source, _identity_collate
+from datamodules.errors import require
+from datamodules.negatives import interaction_keys, sample_negatives
 from datamodules.sequence import SequenceDataModule
 from datamodules.synthetic import SyntheticSpec
 
@@ -40,31 +42,6 @@ def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, n
     return torch.sparse_coo_tensor(indices, torch.from_numpy(values), (num_nodes, num_nodes), check_invariants=True).coalesce()
 
 
-def contains(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Membership of ``queries`` in the sorted array ``keys`` (vectorised binary search)."""
-    if keys.size == 0:
-        return np.zeros(queries.shape, dtype=bool)
-    pos = np.searchsorted(keys, queries)
-    return keys[np.minimum(pos, keys.size - 1)] == queries
-
-
-def sample_negatives(
-    users: np.ndarray, keys: np.ndarray, num_items: int, num_negatives: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``[N, num_negatives]`` items drawn uniformly among those user ``users[n]`` has no training interaction with.
-
-    ``keys`` are the sorted ``user * num_items + item`` keys of the training interactions. Rejection sampling:
-    only the rejected entries are redrawn, so the loop runs about ``log(N) / log(1 / density)`` times.
-    """
-    owner = np.repeat(users.astype(np.int64), num_negatives)
-    negatives = rng.integers(0, num_items, size=owner.size)
-    rejected = np.flatnonzero(contains(keys, owner * num_items + negatives))
-    while rejected.size:
-        negatives[rejected] = rng.integers(0, num_items, size=rejected.size)
-        rejected = rejected[contains(keys, owner[rejected] * num_items + negatives[rejected])]
-    return negatives.reshape(len(users), num_negatives)
-
-
 class TrainTriples(Dataset):
     """Every distinct training interaction with freshly drawn negatives; batches built in ``__getitems__``.
 
@@ -75,7 +52,7 @@ class TrainTriples(Dataset):
 
     def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int, num_negatives: int, seed: int) -> None:
         self.users, self.items = users, items
-        self.keys = users.astype(np.int64) * num_items + items  # sorted: built from np.unique keys
+        self.keys = interaction_keys(users, items, num_items)  # excluded from the negatives
         self.num_items, self.num_negatives, self.seed = num_items, num_negatives, seed
         self._epoch, self._negatives = -1, None
 
@@ -86,7 +63,9 @@ class TrainTriples(Dataset):
         """The ``[N, num_negatives]`` negatives of one epoch (drawn for the whole epoch at once, then cached)."""
         if epoch != self._epoch:
             rng = np.random.default_rng(self.seed + epoch)
-            self._negatives = sample_negatives(self.users, self.keys, self.num_items, self.num_negatives, rng)
+            owners = np.repeat(self.users, self.num_negatives)
+            negatives = sample_negatives(self.keys, owners, self.num_items, rng)
+            self._negatives = negatives.reshape(len(self.users), self.num_negatives)
             self._epoch = epoch
         return self._negatives
 
@@ -159,8 +138,7 @@ class GraphDataModule(SequenceDataModule):
         num_negatives: int = 1,
     ) -> None:
         super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        require(num_negatives >= 1, "data.init_args.num_negatives", ">= 1", num_negatives)
         self.num_negatives = num_negatives
         self.adjacency: torch.Tensor | None = None
 
@@ -175,7 +153,7 @@ class GraphDataModule(SequenceDataModule):
         num_users, num_items = catalogue.num_users, catalogue.num_items
         users, items = self.split.train_interactions()
         # a binary graph: repeated purchases of an item are one edge
-        keys = np.unique(users.astype(np.int64) * num_items + items)
+        keys = interaction_keys(users, items, num_items)
         self.train_users, self.train_items = np.divmod(keys, num_items)
         self.num_users = num_users
         degree = np.bincount(self.train_users, minlength=num_users)

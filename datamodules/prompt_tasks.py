@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from datamodules.catalogue import Catalogue
+from datamodules.errors import require
 from datamodules.item_index import ItemIndex
+from datamodules.negatives import interaction_keys, sample_negatives
 from datamodules.packing import collate_packs, pack_tree
 from datamodules.prompt_templates import HISTORY_SEPARATOR, NEGATIVE, QUERY, SEQUENTIAL, TEXT_KINDS, clean_text, eval_prompt, frame
 from datamodules.split import LeaveLastOutSplit, SampleIndex
@@ -70,41 +72,6 @@ def _scaled(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.nda
     return np.concatenate([np.tile(rows, repeats), rng.choice(rows, rest, replace=False)])
 
 
-def interaction_keys(catalogue: Catalogue) -> np.ndarray:
-    """Sorted unique ``user * num_items + item`` keys of every interaction (whole sequences)."""
-    users = np.repeat(np.arange(catalogue.num_users, dtype=np.int64), catalogue.lengths)
-    return np.unique(users * catalogue.num_items + catalogue.items)
-
-
-def _contains(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    position = np.searchsorted(sorted_keys, queries).clip(max=len(sorted_keys) - 1)
-    return sorted_keys[position] == queries
-
-
-def sample_negatives(keys: np.ndarray, users: np.ndarray, num_items: int, rng: np.random.Generator, max_rounds: int = 1000) -> np.ndarray:
-    """One item per entry of ``users``, uniform over the items that user never interacted with.
-
-    Vectorised rejection sampling: draw every negative at once, then redraw only the rejected ones. Users
-    interact with a small share of the catalogue, so a handful of rounds suffice.
-
-    Args:
-        keys: :func:`interaction_keys` of the catalogue.
-        users: ``[M]`` user rows (repeated once per wanted negative).
-        num_items: catalogue size.
-        rng: the epoch's generator.
-        max_rounds: safety bound (a user who interacted with every item has no negative).
-    """
-    users = users.astype(np.int64)
-    items = rng.integers(0, num_items, len(users))
-    pending = np.flatnonzero(_contains(keys, users * num_items + items))
-    for _ in range(max_rounds):
-        if len(pending) == 0:
-            return items
-        items[pending] = rng.integers(0, num_items, len(pending))
-        pending = pending[_contains(keys, users[pending] * num_items + items[pending])]
-    raise RuntimeError(f"{len(pending)} negatives still rejected after {max_rounds} rounds: some users interacted with (almost) every item")
-
-
 class PromptTasks:
     """Sources of the four alignment tasks, the epoch plan, and batch rendering / tokenization.
 
@@ -128,18 +95,19 @@ class PromptTasks:
 
     def __init__(self, catalogue: Catalogue, split: LeaveLastOutSplit, item_index: ItemIndex, weights: TaskWeights,
                  negative_ratio: int, max_length: int, seed: int, pack: int = 0) -> None:
-        if negative_ratio < 0:
-            raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
+        require(negative_ratio >= 0, "data.init_args.negative_ratio", ">= 0", negative_ratio)
+        require(pack >= 0, "data.init_args.pack_prompts", ">= 0 (0 = no packing)", pack)
         self.catalogue, self.split, self.item_index = catalogue, split, item_index
         self.weights, self.negative_ratio, self.max_length, self.seed = weights, negative_ratio, max_length, seed
-        if pack < 0:
-            raise ValueError(f"pack must be >= 0 (0 = no packing), got {pack}")
         self.pack = pack
         self.code_text = ["".join(tokens) for tokens in item_index.tokens()]
         self.train_targets = catalogue.items[split.train.target_pos]
-        self.keys = interaction_keys(catalogue)
+        # negatives exclude the training interactions only (no held-out target): see datamodules.negatives
+        self.keys = interaction_keys(*split.train_interactions(), catalogue.num_items)
         if weights.negative > 0 and negative_ratio > 0 and (np.bincount(self.keys // catalogue.num_items) >= catalogue.num_items).any():
-            raise ValueError("a user interacted with every item, so no negative item exists; set negative_ratio: 0")
+            raise ValueError(
+                "a user interacted with every item in training, so no negative item exists; set negative_ratio: 0"
+            )
         self._build_text_pairs()
         self._build_queries()
         self.tokenizer = None

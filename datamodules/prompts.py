@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import RecDataModule, Source, _identity_collate
+from datamodules.errors import require
 from datamodules.item_index import ItemIndex, load_item_index
 from datamodules.prompt_tasks import PromptTasks, TaskWeights
 from datamodules.split import SampleIndex
@@ -39,6 +40,8 @@ from datamodules.synthetic import SyntheticSpec
 log = logging.getLogger(__name__)
 
 Preset = Literal["all", "behaviour_only"]
+# The instruction templates alone take ~50 Llama tokens: a shorter limit would drop every training sample.
+MIN_MAX_LENGTH = 64
 PRESETS = {"all": TaskWeights(), "behaviour_only": TaskWeights(sequential=1.0, negative=1.0, text=0.0, query=0.0)}
 
 
@@ -71,10 +74,36 @@ class LengthGroupedPlan(Sampler[int]):
         return len(self.tasks)
 
     def __iter__(self):
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from get_length_grouped_indices(self.tasks.approx_lengths().tolist(), self.batch_size, generator=generator)
+        yield from length_grouped_order(np.asarray(self.tasks.approx_lengths()), self.batch_size, generator).tolist()
+
+
+def length_grouped_order(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> np.ndarray:
+    """A shuffled order in which consecutive ``batch_size`` rows have similar lengths (the longest row first).
+
+    The order of transformers' ``get_length_grouped_indices`` (a private Trainer helper, so not imported): shuffle
+    with ``generator``, cut into mega-batches of ``min(N // (4 * batch_size), 50)`` batches (at least one), sort each
+    by decreasing length (ties keep the shuffled order), then swap the longest row to the front so an
+    out-of-memory error shows in the first step rather than hours later.
+
+    Args:
+        lengths: ``[N]`` row lengths.
+        batch_size: rows per batch.
+        generator: the epoch's torch generator (the shuffle).
+
+    Returns:
+        ``[N]`` int64 row indices.
+    """
+    lengths = np.asarray(lengths)
+    mega_size = max(min(len(lengths) // (batch_size * 4), 50), 1) * batch_size
+    order = torch.randperm(len(lengths), generator=generator).numpy()
+    mega = np.arange(len(order)) // mega_size
+    order = order[np.lexsort((-lengths[order], mega))]  # stable: by mega-batch, then decreasing length
+    if len(order):
+        starts = np.arange(0, len(order), mega_size)
+        longest = starts[int(np.argmax(lengths[order[starts]]))]
+        order[[0, longest]] = order[[longest, 0]]
+    return order.astype(np.int64)
 
 
 class _EvalPrompts(Dataset):
@@ -150,16 +179,13 @@ class PromptDataModule(RecDataModule):
         pack_prompts: int = 0,
     ) -> None:
         super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
-        if preset is not None and tasks is not None and tasks != PRESETS[preset]:
-            raise ValueError(f"preset {preset!r} replaces `tasks`, but tasks={tasks} was also given; set one or the other")
-        if negative_ratio < 0:
-            raise ValueError(f"negative_ratio must be >= 0, got {negative_ratio}")
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if pack_prompts < 0:
-            raise ValueError(f"pack_prompts must be >= 0 (0 = no packing), got {pack_prompts}")
-        if eval_max_users is not None and eval_max_users < 1:
-            raise ValueError(f"eval_max_users must be >= 1 or null, got {eval_max_users}")
+        field = "data.init_args."
+        require(preset is None or tasks is None or tasks == PRESETS[preset], field + "tasks",
+                f"unset when preset {preset!r} is set (the preset replaces `tasks`; set one or the other)", tasks)
+        require(negative_ratio >= 0, field + "negative_ratio", ">= 0 (0 = no negative task)", negative_ratio)
+        require(max_length >= MIN_MAX_LENGTH, field + "max_length", f">= {MIN_MAX_LENGTH} tokens", max_length)
+        require(pack_prompts >= 0, field + "pack_prompts", ">= 0 (0 = no packing)", pack_prompts)
+        require(eval_max_users is None or eval_max_users >= 1, field + "eval_max_users", ">= 1 or null", eval_max_users)
         self.index = index
         self.dedupe_collisions = dedupe_collisions
         self.task_weights = PRESETS[preset] if preset is not None else (tasks or TaskWeights())

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from datamodules.errors import SemConvError
+from datamodules.errors import SemConvError, require
 from lightning_modules.metrics import TopKMetrics, rank_of_target
 from lightning_modules.optimizers import adamw
 
@@ -55,6 +55,9 @@ class IDRecommender(L.LightningModule):
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, mask_history: bool = True, top_k: int = 20) -> None:
         super().__init__()
+        require(lr > 0, "model.init_args.lr", "> 0", lr)
+        require(weight_decay >= 0, "model.init_args.weight_decay", ">= 0", weight_decay)
+        require(top_k >= 1, "model.init_args.top_k", ">= 1", top_k)
         self.lr = lr
         self.weight_decay = weight_decay
         self.mask_history = mask_history
@@ -149,7 +152,7 @@ class CountingRecommender(IDRecommender):
     """
 
     def __init__(self, mask_history: bool = True, top_k: int = 20) -> None:
-        super().__init__(lr=0.0, weight_decay=0.0, mask_history=mask_history, top_k=top_k)
+        super().__init__(mask_history=mask_history, top_k=top_k)  # the optimiser settings go unused
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise RuntimeError(f"{type(self).__name__} has nothing to train: run `lightning test` with its config instead of `fit`.")

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.errors import require
 from lightning_modules.base import IDRecommender
 from lightning_modules.components.transformer import TransformerBlock, padding_aware_mask
+from lightning_modules.sasrec import check_sequence_model
 
 
 class BERT4Rec(IDRecommender):
@@ -62,8 +64,9 @@ class BERT4Rec(IDRecommender):
         top_k: int = 20,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, mask_history=mask_history, top_k=top_k)
-        if not 0.0 <= mask_prob <= 1.0 or not 0.0 <= last_mask_prob <= 1.0:
-            raise ValueError(f"mask_prob and last_mask_prob must lie in [0, 1], got {mask_prob} and {last_mask_prob}")
+        check_sequence_model(hidden_size, num_layers, dropout, max_history, label_smoothing, num_heads)
+        require(0.0 <= mask_prob <= 1.0, "model.init_args.mask_prob", "in [0, 1]", mask_prob)
+        require(0.0 <= last_mask_prob <= 1.0, "model.init_args.last_mask_prob", "in [0, 1]", last_mask_prob)
         self.save_hyperparameters()
 
     @property

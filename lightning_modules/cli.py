@@ -19,6 +19,8 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from datamodules.errors import SemConvError
+
 PROJECT_LOGGERS = ("datamodules", "lightning_modules", "callbacks")
 log = logging.getLogger(__name__)
 _MODEL_FLAG = re.compile(r"--model\.(?:init_args\.)?([A-Za-z_]\w*)")
@@ -107,9 +109,51 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SemConvCLI:
     )
 
 
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "SEMCONV_DEBUG"
+
+
+def project_error(error: BaseException) -> SemConvError | None:
+    """The :class:`SemConvError` behind ``error``, if any: jsonargparse re-raises a constructor's error as its own
+    ``ValueError`` (``raise ... from``), Lightning may wrap hook errors, so the ``__cause__``/``__context__`` chain
+    is followed."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, SemConvError):
+            return current
+        pending += [linked for linked in (current.__cause__, current.__context__) if linked is not None]
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning`` and ``semconv``; returns None so the console script exits with 0."""
-    build_cli(args)
+    """Entry point of ``lightning`` and ``semconv``; returns None so the console script exits with 0.
+
+    The project's own errors (bad data, bad config, mismatched artifacts: :class:`SemConvError`) are printed as one
+    message and exit with status 2; ``--debug`` or ``SEMCONV_DEBUG=1`` re-raises them with the traceback.
+
+    Args:
+        args: command-line arguments (``sys.argv[1:]`` when None).
+    """
+    given = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in given or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if DEBUG_FLAG in given:
+        given = [arg for arg in given if arg != DEBUG_FLAG]
+        if args is None:  # the DDP launcher re-runs sys.argv: its worker processes get the flag from the environment
+            sys.argv[1:] = given
+            os.environ[DEBUG_ENV] = "1"
+    try:
+        build_cli(None if args is None else given)
+    except Exception as error:
+        cause = None if debug else project_error(error)
+        if cause is None:
+            raise
+        print(f"error: {cause}\n(pass {DEBUG_FLAG} or set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

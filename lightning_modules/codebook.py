@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.errors import require
 from lightning_modules.base import check_dataset_fingerprint
 from lightning_modules.components.code_index import last_level_costs
 from lightning_modules.components.quantizer import RQVAE, Distance, Quantized, ResidualCodebook, paired_distance
@@ -78,12 +79,12 @@ class AlignmentTokenizer(L.LightningModule):
         reconstruction_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if num_levels < 1:
-            raise ValueError(f"num_levels must be >= 1, got {num_levels} (the paper uses 4)")
-        if codebook_size < 1:
-            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-        if llm_alignment_weight < 0 or behaviour_weight < 0:
-            raise ValueError("loss weights must be >= 0")
+        field = "model.init_args."
+        require(num_levels >= 1, field + "num_levels", ">= 1 (the paper uses 4)", num_levels)
+        require(codebook_size >= 2, field + "codebook_size", ">= 2 (one code cannot tell items apart)", codebook_size)
+        require(behaviour_weight >= 0, field + "behaviour_weight", ">= 0", behaviour_weight)
+        require(llm_alignment_weight >= 0, field + "llm_alignment_weight", ">= 0", llm_alignment_weight)
+        require(lr > 0, field + "lr", "> 0", lr)
         self.save_hyperparameters()
         self.quantizer: ResidualCodebook | None = None
         self.llm_projection: nn.Linear | None = None

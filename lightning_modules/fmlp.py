@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.base import IDRecommender
+from lightning_modules.sasrec import check_sequence_model
 
 
 class FrequencyFilter(nn.Module):
@@ -100,6 +101,7 @@ class FMLPRec(IDRecommender):
         top_k: int = 20,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, mask_history=mask_history, top_k=top_k)
+        check_sequence_model(hidden_size, num_layers, dropout, max_history, label_smoothing)
         self.save_hyperparameters()
 
     def build(self, num_items: int) -> None:

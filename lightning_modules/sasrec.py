@@ -11,8 +11,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.errors import require
 from lightning_modules.base import IDRecommender
 from lightning_modules.components.transformer import TransformerBlock, padding_aware_mask
+
+
+def check_sequence_model(hidden_size: int, num_layers: int, dropout: float, max_history: int, label_smoothing: float,
+                         num_heads: int | None = None) -> None:
+    """Refuse the sequence models' (SASRec, BERT4Rec, FMLP-Rec) out-of-range settings, naming the field.
+
+    Args:
+        hidden_size: model width (> 0; a multiple of ``num_heads``).
+        num_layers: blocks (>= 1).
+        dropout: dropout probability (in [0, 1)).
+        max_history: history length (>= 1).
+        label_smoothing: cross-entropy label smoothing (in [0, 1)).
+        num_heads: attention heads (>= 1), None for models without attention.
+    """
+    field = "model.init_args."
+    require(hidden_size > 0, field + "hidden_size", "> 0", hidden_size)
+    require(num_layers >= 1, field + "num_layers", ">= 1", num_layers)
+    require(0 <= dropout < 1, field + "dropout", "in [0, 1)", dropout)
+    require(max_history >= 1, field + "max_history", ">= 1", max_history)
+    require(0 <= label_smoothing < 1, field + "label_smoothing", "in [0, 1)", label_smoothing)
+    if num_heads is not None:
+        require(num_heads >= 1, field + "num_heads", ">= 1", num_heads)
+        multiple = f"a multiple of num_heads={num_heads}"
+        require(hidden_size % num_heads == 0, field + "hidden_size", multiple, hidden_size)
 
 
 class SASRec(IDRecommender):
@@ -45,6 +70,7 @@ class SASRec(IDRecommender):
         top_k: int = 20,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, mask_history=mask_history, top_k=top_k)
+        check_sequence_model(hidden_size, num_layers, dropout, max_history, label_smoothing, num_heads)
         self.save_hyperparameters()
 
     def build(self, num_items: int) -> None:

@@ -56,3 +56,40 @@ def tiny_run_args(config: str, data_dir: Path, root: Path, *extra: str) -> list[
         "--trainer.default_root_dir", str(root),
         *extra,
     ]
+
+
+TINY_TOKENIZER_TEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+    "### Instruction: ### Response: The user has interacted with items in chronological order. Can you predict the "
+    "next possible item that the user may expect? Which item would the user like, title, description, category, "
+    "not interested, recommend, purchase, history, query, search 0123456789 , . ? ! : ; ' \" ( ) - _ < > / & %"
+)
+
+
+def write_tiny_tokenizer(directory: Path) -> Path:
+    """Save a small Llama-like fast tokenizer built in code (byte-level BPE, ~400 tokens) into ``directory``.
+
+    It has ``<s>``/``</s>``/``<unk>`` and prepends ``<s>`` like Llama's, but no pad token (the LLM module adds one),
+    so tests of the LLM stage run without the real tokenizer in ``../shared``. Byte-level: any text encodes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator([TINY_TOKENIZER_TEXT] * 4, trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                        special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """Directory of :func:`write_tiny_tokenizer`'s tokenizer, written once per session."""
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))

@@ -164,3 +164,22 @@ def test_tiny_fit_then_test_writes_metrics(config, synthetic_dir, tmp_path):
     assert set(metrics) == {"hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10"}
     assert 0 <= metrics["hr@1"] <= metrics["hr@5"] <= metrics["hr@10"] <= 1
     assert metrics["ndcg@10"] <= metrics["hr@10"]
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        (BERT4Rec, {"mask_prob": 1.5}, "model.init_args.mask_prob must be in [0, 1], got 1.5"),
+        (BERT4Rec, {"last_mask_prob": -0.1}, "model.init_args.last_mask_prob must be in [0, 1], got -0.1"),
+        (BERT4Rec, {"num_heads": 5}, "model.init_args.hidden_size must be a multiple of num_heads=5"),
+        (FMLPRec, {"num_layers": 0}, "model.init_args.num_layers must be >= 1, got 0"),
+        (FMLPRec, {"max_history": 0}, "model.init_args.max_history must be >= 1, got 0"),
+        (FMLPRec, {"dropout": -0.2}, "model.init_args.dropout must be in [0, 1), got -0.2"),
+    ],
+)
+def test_out_of_range_settings_are_refused_naming_the_field(model, kwargs, message):
+    from datamodules.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        model(**kwargs)
+    assert message in str(error.value)

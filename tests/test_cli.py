@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
 from lightning_modules.cli import build_cli, main
-from tests.conftest import CONFIGS, tiny_run_args
+from tests.conftest import CONFIGS, REPO, tiny_run_args
 
 # Pieces that only make sense stacked on a model config: parsed together with the quickstart config.
 PIECES = sorted(str(path.relative_to(CONFIGS)) for sub in ("trainer", "logger", "strategy") for path in (CONFIGS / sub).glob("*.yaml"))
@@ -96,8 +98,10 @@ def test_last_checkpoint_holds_the_final_epoch_and_resumes(synthetic_dir, tmp_pa
     import torch
 
     root = tmp_path / "run"
-    # lr 0: the monitored metric never improves after epoch 0, so only the first epoch is "best"
-    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=3", "--model.init_args.lr=0",
+    # lr 1e-30 (0 is refused): float32 weights never change, the monitored metric never improves after epoch 0,
+    # so only the first epoch is "best"
+    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=3",
+                                "--model.init_args.lr=1e-30",
                                 "--test_after_fit=false", "--trainer.limit_train_batches=2")])
     checkpoints = root / "csv" / "version_0" / "checkpoints"
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
@@ -142,8 +146,13 @@ def test_checkpoint_for_another_dataset_is_refused(synthetic_dir, tmp_path):
     main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false")])
     checkpoint = next((root / "csv" / "version_0" / "checkpoints").glob("epoch=*.ckpt"))
     other = write_synthetic(tmp_path / "other", SyntheticSpec(num_users=300, num_items=120, num_categories=6, seed=99))
+    args = ["test", *tiny_run_args("synthetic/sasrec.yaml", other, tmp_path / "other_run"),
+            "--ckpt_path", str(checkpoint)]
     with pytest.raises(ValueError, match="checkpoint was trained on dataset Synthetic .* Use the checkpoint of this dataset"):
-        main(["test", *tiny_run_args("synthetic/sasrec.yaml", other, tmp_path / "other_run"), "--ckpt_path", str(checkpoint)])
+        build_cli(args)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)  # the command prints the message, not a traceback
+    assert exit_info.value.code == 2
 
 
 def test_command_line_model_flags_win_over_checkpoint_hparams(synthetic_dir, tmp_path, caplog):
@@ -204,3 +213,44 @@ def test_every_sweep_runs_the_cli_with_each_value(sweep, tmp_path, monkeypatch):
             owner, _, field = name.partition(".init_args.")
             target = cli.model if owner == "model" else cli.datamodule
             assert target.hparams[field] == value
+
+
+# ------------------------------------------------------------------------------------------ readable errors
+def run_command(*args: str, debug_env: bool = False) -> subprocess.CompletedProcess:
+    """``python -m lightning_modules.cli`` as a user runs it (a new process: stderr as the user sees it)."""
+    environment = {key: value for key, value in os.environ.items() if key != "SEMCONV_DEBUG"}
+    environment.update({"PYTHONPATH": str(REPO), **({"SEMCONV_DEBUG": "1"} if debug_env else {})})
+    return subprocess.run([sys.executable, "-m", "lightning_modules.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=environment, cwd=REPO)
+
+
+def assert_readable(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Namespace(" not in result.stderr, result.stderr[-3000:]
+    message = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1 and all(fragment in message[0] for fragment in fragments), result.stderr[-3000:]
+
+
+def test_bad_data_dir_prints_one_message_naming_the_field(tmp_path):
+    args = ["fit", "--config", str(CONFIGS / "synthetic/sasrec.yaml"), "--data.init_args.source=lcrec",
+            "--data.init_args.data_dir", str(tmp_path / "missing"), "--trainer.default_root_dir", str(tmp_path / "run")]
+    assert_readable(run_command(*args), str(tmp_path / "missing"), "data.init_args.data_dir")
+    for debug in (run_command(*args, "--debug"), run_command(*args, debug_env=True)):
+        assert debug.returncode != 0 and "Traceback" in debug.stderr and "DataFormatError" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "flag", "fragment"),
+    [
+        ("synthetic/sasrec.yaml", "--data.init_args.batch_size=0", "data.init_args.batch_size must be >= 1, got 0"),
+        ("synthetic/sasrec.yaml", "--model.init_args.dropout=1.0", "model.init_args.dropout must be in [0, 1)"),
+        ("synthetic/codebook.yaml", "--model.init_args.codebook_size=1", "model.init_args.codebook_size must be >= 2"),
+        ("synthetic/dccf.yaml", "--data.init_args.num_negatives=0", "data.init_args.num_negatives must be >= 1"),
+    ],
+)
+def test_wrong_config_value_is_refused_at_construction(config, flag, fragment, tmp_path):
+    """jsonargparse wraps a constructor's error in its own (with a Namespace dump): the command unwraps it."""
+    result = run_command("fit", "--config", str(CONFIGS / config), flag, "--trainer.default_root_dir", str(tmp_path))
+    assert_readable(result, fragment)
+    assert not (tmp_path / "csv").exists()  # refused before anything ran
+

@@ -17,7 +17,8 @@ from callbacks import ItemEmbeddingExporter
 from datamodules import GraphDataModule, SequenceDataModule, load_item_embeddings
 from datamodules.artifacts import write_manifest
 from datamodules.catalogue import load_lcrec
-from datamodules.graph import normalized_adjacency, sample_negatives
+from datamodules.graph import normalized_adjacency
+from datamodules.negatives import sample_negatives
 from lightning_modules import DCCF
 from lightning_modules.cli import main
 from lightning_modules.components.dccf import BipartiteGraph, DCCFEncoder, IntentAggregation
@@ -145,7 +146,7 @@ def test_negatives_never_hit_a_training_interaction(synthetic_dir):
     assert not np.array_equal(dataset.negatives(0), dataset.negatives(1))  # re-drawn every epoch
     # a user who has all items but one: rejection sampling must converge on that item
     keys = np.arange(9, dtype=np.int64)  # user 0 with items 0..8 of 10
-    forced = sample_negatives(np.zeros(1000, dtype=np.int64), keys, 10, 3, np.random.default_rng(0))
+    forced = sample_negatives(keys, np.zeros(3000, dtype=np.int64), 10, np.random.default_rng(0))
     assert (forced == 9).all()
 
 

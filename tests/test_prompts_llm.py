@@ -14,7 +14,8 @@ import yaml
 from callbacks import load_exported_llm
 from datamodules import PromptDataModule, TaskWeights, load_item_index, load_lcrec, write_lcrec
 from datamodules.catalogue import DataFormatError
-from datamodules.prompt_tasks import NEGATIVE_TASK, SEQUENTIAL_TASK, TASKS, TEXT_TASK, PromptTasks, interaction_keys, sample_negatives
+from datamodules.negatives import interaction_keys, sample_negatives
+from datamodules.prompt_tasks import NEGATIVE_TASK, SEQUENTIAL_TASK, TASKS, TEXT_TASK, PromptTasks
 from datamodules.prompt_templates import NEGATIVE, SEQUENTIAL
 from lightning_modules import GenerativeRecommender
 from lightning_modules.cli import build_cli, main
@@ -193,10 +194,12 @@ def test_eval_user_subset_and_test_all_users(prompt_dm):
 
 def test_negatives_are_never_interacted_and_redrawn_each_epoch(prompt_dm):
     catalogue, tasks = prompt_dm.catalogue, prompt_dm.prompts
-    seen = np.zeros((catalogue.num_users, catalogue.num_items), dtype=bool)
-    seen[np.repeat(np.arange(catalogue.num_users), catalogue.lengths), catalogue.items] = True
+    seen = np.zeros((catalogue.num_users, catalogue.num_items), dtype=bool)  # training interactions only
+    train_users, train_items = tasks.split.train_interactions()
+    seen[train_users, train_items] = True
     users = np.repeat(np.arange(catalogue.num_users), 1000)
-    negatives = sample_negatives(interaction_keys(catalogue), users, catalogue.num_items, np.random.default_rng(0))
+    keys = interaction_keys(train_users, train_items, catalogue.num_items)
+    negatives = sample_negatives(keys, users, catalogue.num_items, np.random.default_rng(0))
     assert not seen[users, negatives].any() and len(np.unique(negatives)) == catalogue.num_items
     plans = []
     for epoch in (0, 1, 0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from datamodules import SequenceDataModule
@@ -70,3 +71,14 @@ def test_window_and_prefix_layouts_give_the_same_pairs(synthetic_dir):
 def test_item_embeddings_shape():
     model = _model()
     assert model.item_embeddings().shape == (NUM_ITEMS, 32)
+
+
+def test_config_errors_raise_config_error_naming_the_field():
+    from datamodules.errors import ConfigError
+
+    for kwargs, field in [({"hidden_size": 0}, "hidden_size"), ({"num_heads": 3}, "hidden_size"), ({"lr": 0.0}, "lr"),
+                          ({"label_smoothing": -0.1}, "label_smoothing"), ({"top_k": 0}, "top_k")]:
+        with pytest.raises(ConfigError, match=f"model.init_args.{field} must be"):
+            SASRec(**kwargs)
+    with pytest.raises(ConfigError, match="data.init_args.eval_batch_size must be >= 1, got -4"):
+        SequenceDataModule(eval_batch_size=-4)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.errors import require
+
 Distance = Literal["cosine", "l2"]
 
 
@@ -118,12 +120,10 @@ class ResidualCodebook(nn.Module):
 
     def __init__(self, dim: int, num_levels: int = 4, codebook_size: int = 256, distance: Distance = "l2") -> None:
         super().__init__()
-        if num_levels < 1:
-            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
-        if codebook_size < 1:
-            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-        if distance not in ("l2", "cosine"):
-            raise ValueError(f"distance must be 'l2' or 'cosine', got {distance!r}")
+        require(dim >= 1, "dim", ">= 1", dim)
+        require(num_levels >= 1, "num_levels", ">= 1", num_levels)
+        require(codebook_size >= 2, "codebook_size", ">= 2 (one code cannot tell items apart)", codebook_size)
+        require(distance in ("l2", "cosine"), "distance", "'l2' or 'cosine'", distance)
         self.dim, self.num_levels, self.codebook_size, self.distance = dim, num_levels, codebook_size, distance
         # small random codes; callbacks.KMeansInit replaces them with data-driven centres before training
         self.codebooks = nn.Parameter(torch.randn(num_levels, codebook_size, dim) * 0.01)
