@@ -109,6 +109,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SemConvCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning`` and ``semconv``; returns None so the console script exits with 0."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["serve"]:  # `semconv serve --store URL`: the online lookup service, not a LightningCLI run
+        from lightning_modules.service import serve_main
+
+        sys.exit(serve_main(argv[1:]))
     build_cli(args)
 
 
