@@ -25,8 +25,16 @@ from urllib.parse import urlparse
 import redis
 
 from datamodules.recommendation_store import (
-    URL_FORMS, RecommendationStore, StoreError, VersionMeta, VersionRecord, VersionWriter, _check_rows, _now,
-    decode_entry, encode_entry,
+    URL_FORMS,
+    RecommendationStore,
+    StoreError,
+    VersionMeta,
+    VersionRecord,
+    VersionWriter,
+    _check_rows,
+    _now,
+    decode_entry,
+    encode_entry,
 )
 
 _LOOKUP = """

@@ -11,8 +11,11 @@ import time
 import pytest
 
 from datamodules.recommendation_store import KOutOfRange, StoreError, VersionMeta, open_store
+from tests import serving_fixtures
 from tests.conftest import REPO
-from tests.serving_fixtures import meta, publish_version, redis_url, store_url  # noqa: F401 - fixtures
+from tests.serving_fixtures import meta, publish_version
+
+redis_url, store_url = serving_fixtures.redis_url, serving_fixtures.store_url  # fixtures
 
 USERS = [f"u{i}" for i in range(250)]
 
