@@ -96,10 +96,9 @@ def create_app(store: RecommendationStore, live_recommender: LiveRecommender | N
             return _error(422, f"user_id must be 1 to {MAX_USER_ID} printable characters")
         raw_k = request.query_params.get("k")
         try:
-            k = int(raw_k) if raw_k is not None else 10
+            k = int(raw_k) if raw_k is not None else min(10, store.require_current().k)  # 10, or all a smaller K
         except ValueError:
-            limit = store.require_current().k
-            return _error(422, f"k must be an integer between 1 and {limit}; got {raw_k!r}")
+            return _error(422, f"k must be an integer between 1 and {store.require_current().k}; got {raw_k!r}")
         try:
             found = store.lookup(user_id, k)
         except KOutOfRange as err:
