@@ -124,3 +124,47 @@ def test_ddp_two_ranks_write_one_version_published_once(tmp_path, synthetic_dir)
     assert len(records) == 1 and records[0].published and records[0].num_users == data.catalogue.num_users
     users, _ = original_ids(data.catalogue)
     assert all(store.lookup(users[row], K).items == expected_list(data.catalogue, row, False) for row in range(0, 300, 7))
+
+
+def test_cache_piece_stacks_on_a_stage3_config(capsys):
+    from lightning_modules.cli import build_cli
+    from tests.conftest import CONFIGS
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--config", str(CONFIGS / "synthetic/llm.yaml"), "--config", str(CONFIGS / "serving/cache.yaml"),
+                   "--print_config"], run=False)
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "callbacks.cache_writer.RecommendationCacheWriter" in printed and "lightning_modules.GenerativeRecommender" in printed
+    assert "store: sqlite:///runs/synthetic/llm/recommendations.sqlite" in printed and "${" not in printed
+
+
+def test_predict_prompts_hold_the_whole_sequence(synthetic_dir, tmp_path):
+    """Serving histories end with the test target; evaluation ones stop before it; a user list selects rows."""
+    from datamodules.prompts import PromptDataModule
+    from tests.test_prompts_llm import llama_tokenizer, synthetic_codes, write_index
+
+    index = write_index(tmp_path / "index.json", synthetic_codes())
+    users = tmp_path / "users.txt"
+    data = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), eval_batch_size=4)
+    data.setup("predict")
+    catalogue = data.catalogue
+    users.write_text(f"{catalogue.user_ids[7]}\n\n{catalogue.user_ids[2]}\n")
+    tokenizer = llama_tokenizer()
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_tokens(data.item_index.vocabulary())
+    data.set_tokenizer(tokenizer)
+    batch = next(iter(data.predict_dataloader()))
+    test_batch = next(iter(data.test_dataloader()))
+    assert batch["user"].tolist() == [0, 1, 2, 3] and batch["target_item"].tolist() == [-1] * 4
+    prompt = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    codes = lambda item: "".join(data.item_index.tokens()[item])  # noqa: E731
+    sequence = catalogue.sequence(0)
+    assert codes(int(sequence[-1])) in prompt  # the test target is history now
+    assert codes(int(sequence[-1])) not in tokenizer.decode(test_batch["input_ids"][0][test_batch["attention_mask"][0].bool()])
+    assert sorted(batch["seen_items"][batch["seen_rows"] == 0].tolist()) == sorted(sequence.tolist())
+    data.predict_users = str(users)
+    assert next(iter(data.predict_dataloader()))["user"].tolist() == [2, 7]
+    users.write_text("no-such-user\n")
+    with pytest.raises(ValueError, match="not in the dataset"):
+        data.predict_dataloader()
