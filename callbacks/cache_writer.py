@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from datamodules.artifacts import sha256_file
 from datamodules.errors import ConfigError
-from datamodules.recommendation_store import VersionMeta, VersionWriter, artifact_hashes, open_store
+from datamodules.recommendation_store import StoreError, VersionMeta, VersionWriter, artifact_hashes, open_store
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,24 @@ class RecommendationCacheWriter(BasePredictionWriter):
             ``--ckpt_path`` file.
     """
 
-    def __init__(self, store: str, keep_versions: int = 2, exclude_seen: bool = True, k: int | None = None,
-                 model_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        store: str,
+        keep_versions: int = 2,
+        exclude_seen: bool = True,
+        k: int | None = None,
+        model_dir: str | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
         if keep_versions < 1:
             raise ConfigError(f"RecommendationCacheWriter.keep_versions must be >= 1, got {keep_versions}")
-        self.store_url, self.keep_versions, self.exclude_seen, self.k, self.model_dir = store, keep_versions, exclude_seen, k, model_dir
+        self.store_url, self.keep_versions, self.exclude_seen, self.k, self.model_dir = (
+            store,
+            keep_versions,
+            exclude_seen,
+            k,
+            model_dir,
+        )
         self.writer: VersionWriter | None = None
         self.written = 0
 
@@ -93,31 +105,57 @@ class RecommendationCacheWriter(BasePredictionWriter):
             model_hash = sha256_file(trainer.ckpt_path)
         else:
             model_hash = f"untracked:{type(pl_module).__name__}"
-        return VersionMeta(model_hash=model_hash, dataset_hash=catalogue.content_hash, k=int(k),
-                           num_items=catalogue.num_items, dataset=catalogue.name)
+        return VersionMeta(
+            model_hash=model_hash,
+            dataset_hash=catalogue.content_hash,
+            k=int(k),
+            num_items=catalogue.num_items,
+            dataset=catalogue.name,
+        )
+
+    def _begin(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        """Rank 0: open the store, begin the version, store the fallback list and the titles."""
+        datamodule = trainer.datamodule
+        meta = self._meta(trainer, pl_module)
+        self.writer = open_store(self.store_url, self.keep_versions).begin_version(meta)
+        items, counts = training_popularity(datamodule, meta.k)
+        self.writer.set_popular(self.item_names[items].tolist(), counts.tolist())
+        text = datamodule.catalogue.item_text or {}
+        self.writer.set_titles({self.item_names[item]: t["title"] for item, t in text.items() if t.get("title")})
+        return self.writer.version
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if hasattr(pl_module, "mask_history"):
             pl_module.mask_history = self.exclude_seen
         datamodule = trainer.datamodule
         self.user_names, self.item_names = original_ids(datamodule.catalogue)
-        store = open_store(self.store_url, self.keep_versions)
-        version = None
+        version, error = None, None
         if trainer.global_rank == 0:
-            meta = self._meta(trainer, pl_module)
-            self.writer = store.begin_version(meta)
-            items, counts = training_popularity(datamodule, meta.k)
-            self.writer.set_popular(self.item_names[items].tolist(), counts.tolist())
-            text = datamodule.catalogue.item_text or {}
-            self.writer.set_titles({self.item_names[item]: t["title"] for item, t in text.items() if t.get("title")})
-            version = self.writer.version
-        version = trainer.strategy.broadcast(version, src=0)  # every rank: a collective
+            try:
+                version = self._begin(trainer, pl_module)
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank after the broadcast
+                error = err
+        # every rank: a collective. Rank 0 creates the store's schema before the others open it, and a failure
+        # there is raised on every rank instead of leaving them waiting
+        version, message = trainer.strategy.broadcast((version, None if error is None else str(error)), src=0)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise StoreError(f"rank 0 could not begin the cache version: {message}")
         if trainer.global_rank != 0:
-            self.writer = store.attach_version(version)
+            self.writer = open_store(self.store_url, self.keep_versions).attach_version(version)
         self.written = 0
 
-    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
-                           batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         users = prediction["user"].cpu().numpy()
         items = prediction["items"].cpu().numpy()
         scores = prediction["scores"].float().cpu().numpy()
@@ -140,9 +178,14 @@ class RecommendationCacheWriter(BasePredictionWriter):
         trainer.strategy.barrier("recommendation_cache_written")  # every rank: every user is in before the publish
         if trainer.global_rank == 0:
             record = self.writer.publish()
-            log.info("published version %d (%d users, K=%d) to %s", record.version, record.num_users, record.k, self.store_url)
+            log.info(
+                "published version %d (%d users, K=%d) to %s",
+                record.version,
+                record.num_users,
+                record.k,
+                self.store_url,
+            )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.global_rank == 0 and self.writer is not None:
             self.writer.abort()  # the served version stays current; the partial one is dropped
-

@@ -35,7 +35,9 @@ class PredictPrompts(Dataset):
         rows = self.rows[np.asarray(rows, dtype=np.int64)]
         tasks, tokenizer = self.tasks, self.tasks._tokenizer()
         histories = tasks.split.histories(self.index, rows)
-        prompt_ids = tokenizer([eval_prompt(tasks.history_text(row)) for row in histories], add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer([eval_prompt(tasks.history_text(row)) for row in histories], add_special_tokens=True)[
+            "input_ids"
+        ]
         width = max(len(ids) for ids in prompt_ids)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -43,8 +45,14 @@ class PredictPrompts(Dataset):
             input_ids[out, width - len(ids) :] = torch.tensor(ids)
             attention[out, width - len(ids) :] = 1
         seen_rows, seen_items = tasks.split.seen_items(self.index, rows)
-        return {"input_ids": input_ids, "attention_mask": attention, "target_item": torch.full((len(rows),), -1),
-                "user": torch.from_numpy(rows), "seen_rows": torch.from_numpy(seen_rows), "seen_items": torch.from_numpy(seen_items)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "target_item": torch.full((len(rows),), -1),
+            "user": torch.from_numpy(rows),
+            "seen_rows": torch.from_numpy(seen_rows),
+            "seen_items": torch.from_numpy(seen_items),
+        }
 
 
 def read_user_list(path: str, user_ids: np.ndarray) -> np.ndarray:
@@ -54,9 +62,15 @@ def read_user_list(path: str, user_ids: np.ndarray) -> np.ndarray:
         with open(path, encoding="utf-8") as handle:
             wanted = [line.strip() for line in handle if line.strip()]
     except OSError as err:
-        raise DataFormatError(f"{path}: cannot read the user list ({err}). Fix `data.init_args.predict_users`.") from None
+        raise DataFormatError(
+            f"{path}: cannot read the user list ({err}). Fix `data.init_args.predict_users`."
+        ) from None
     unknown = [user for user in wanted if user not in row_of]
     if unknown or not wanted:
-        raise DataFormatError(f"{path}: {len(unknown)} user id(s) not in the dataset (first: {unknown[:3]}); list "
-                              "original user ids, one a line" if unknown else f"{path}: the user list is empty")
+        raise DataFormatError(
+            f"{path}: {len(unknown)} user id(s) not in the dataset (first: {unknown[:3]}); list "
+            "original user ids, one a line"
+            if unknown
+            else f"{path}: the user list is empty"
+        )
     return np.asarray(sorted({row_of[user] for user in wanted}), dtype=np.int64)

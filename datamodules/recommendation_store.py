@@ -80,8 +80,13 @@ class VersionRecord:
         return self.meta.k
 
     def as_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "published": self.published, "published_at": self.published_at,
-                "num_users": self.num_users, **asdict(self.meta)}
+        return {
+            "version": self.version,
+            "published": self.published,
+            "published_at": self.published_at,
+            "num_users": self.num_users,
+            **asdict(self.meta),
+        }
 
 
 class Lookup(NamedTuple):
@@ -106,13 +111,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_rows(users: Sequence[str], items: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], k: int) -> None:
+def _check_rows(
+    users: Sequence[str], items: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], k: int
+) -> None:
     if not len(users) == len(items) == len(scores):
-        raise StoreError(f"write(): {len(users)} users, {len(items)} item lists and {len(scores)} score lists; one each")
+        raise StoreError(
+            f"write(): {len(users)} users, {len(items)} item lists and {len(scores)} score lists; one each"
+        )
     for user, row, row_scores in zip(users, items, scores):
         if len(row) != len(row_scores) or len(row) > k:
-            raise StoreError(f"write(): user {user!r} has {len(row)} items and {len(row_scores)} scores; "
-                             f"both must be equal and at most K={k}")
+            raise StoreError(
+                f"write(): user {user!r} has {len(row)} items and {len(row_scores)} scores; "
+                f"both must be equal and at most K={k}"
+            )
 
 
 class VersionWriter(ABC):
@@ -196,8 +207,10 @@ class RecommendationStore(ABC):
         """The current version, or a :class:`StoreError` saying how to publish one."""
         record = self.current_version()
         if record is None:
-            raise StoreError(f"{self.url}: the store has no published version. Build the cache first: lightning predict "
-                             "--config configs/<ds>/llm.yaml --config configs/serving/cache.yaml --ckpt_path <ckpt>")
+            raise StoreError(
+                f"{self.url}: the store has no published version. Build the cache first: lightning predict "
+                "--config configs/<ds>/llm.yaml --config configs/serving/cache.yaml --ckpt_path <ckpt>"
+            )
         return record
 
     def lookup(self, user_id: str, k: int = 10) -> Lookup:
@@ -229,8 +242,10 @@ class RecommendationStore(ABC):
     def check_compatible(self, dataset_hash: str | None = None, model_hash: str | None = None) -> VersionRecord:
         """Refuse a current version built from another dataset or model artifact than the ones named."""
         record = self.require_current()
-        for what, expected, stored in (("dataset", dataset_hash, record.meta.dataset_hash),
-                                       ("model", model_hash, record.meta.model_hash)):
+        for what, expected, stored in (
+            ("dataset", dataset_hash, record.meta.dataset_hash),
+            ("model", model_hash, record.meta.model_hash),
+        ):
             if expected is not None and expected != stored:
                 raise StoreError(
                     f"{self.url}: version {record.version} was built for {what} hash {stored[:16]}..., not the "
@@ -254,13 +269,12 @@ def open_store(url: str, keep_versions: int = 2) -> RecommendationStore:
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         from datamodules.sqlite_store import SQLiteStore
 
-        return SQLiteStore(url[len("sqlite:///"):], keep_versions)
+        return SQLiteStore(url[len("sqlite:///") :], keep_versions)
     if url.startswith("redis://"):
         from datamodules.redis_store import RedisStore
 
         return RedisStore(url, keep_versions)
     raise StoreError(f"store URL {url!r} is not supported; use {URL_FORMS}")
-
 
 
 def artifact_hashes(model_dir: str | Path) -> tuple[str, str]:
@@ -269,5 +283,7 @@ def artifact_hashes(model_dir: str | Path) -> tuple[str, str]:
 
     manifest = Path(model_dir) / MANIFEST_NAME
     if not manifest.is_file():
-        raise StoreError(f"{manifest}: not found; --model must be an exported stage-3 directory (callbacks.LLMExporter)")
+        raise StoreError(
+            f"{manifest}: not found; --model must be an exported stage-3 directory (callbacks.LLMExporter)"
+        )
     return sha256_file(manifest), str(json.loads(manifest.read_text(encoding="utf-8")).get("content_hash", ""))

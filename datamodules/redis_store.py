@@ -92,11 +92,14 @@ class RedisStore(RecommendationStore):
 
     def _record(self, version: int) -> VersionRecord | None:
         meta, published_at, users = self.client.mget(
-            [self.key(version, "meta"), self.key(version, "published_at"), self.key(version, "users")])
+            [self.key(version, "meta"), self.key(version, "published_at"), self.key(version, "users")]
+        )
         if meta is None:
             return None
         published_at = published_at.decode() if published_at is not None else None
-        return VersionRecord(version, VersionMeta(**json.loads(meta)), published_at is not None, int(users or 0), published_at)
+        return VersionRecord(
+            version, VersionMeta(**json.loads(meta)), published_at is not None, int(users or 0), published_at
+        )
 
     def versions(self) -> list[VersionRecord]:
         ids = [int(version) for version in self.client.zrange(f"{self.ns}:versions", 0, -1)]
@@ -111,7 +114,9 @@ class RedisStore(RecommendationStore):
         if record is None:
             raise StoreError(f"{self.url}: version {version} was pruned while being read; retry the lookup")
         popular = self.client.get(self.key(version, "popular"))
-        titles = {item.decode(): title.decode() for item, title in self.client.hgetall(self.key(version, "titles")).items()}
+        titles = {
+            item.decode(): title.decode() for item, title in self.client.hgetall(self.key(version, "titles")).items()
+        }
         return record, decode_entry(popular) if popular else ([], []), titles
 
     def drop_versions(self, versions: Sequence[int], grace_s: int) -> None:
@@ -163,16 +168,22 @@ class RedisWriter(VersionWriter):
 
     def set_titles(self, titles: Mapping[str, str]) -> None:
         if titles:
-            self.store.client.hset(self.store.key(self.version, "titles"), mapping={str(k): str(v) for k, v in titles.items()})
+            self.store.client.hset(
+                self.store.key(self.version, "titles"), mapping={str(k): str(v) for k, v in titles.items()}
+            )
 
     def publish(self) -> VersionRecord:
         store, ns = self.store, self.store.ns
         with store.client.pipeline(transaction=True) as pipe:
             # WATCH: a concurrent publish that discards this version aborts the EXEC (redis.WatchError)
             pipe.watch(f"{ns}:versions", f"{ns}:published")
-            if pipe.zscore(f"{ns}:versions", str(self.version)) is None or pipe.exists(store.key(self.version, "published_at")):
-                raise StoreError(f"{store.url}: version {self.version} was discarded or already published "
-                                 "(a newer build published meanwhile); run the build again")
+            if pipe.zscore(f"{ns}:versions", str(self.version)) is None or pipe.exists(
+                store.key(self.version, "published_at")
+            ):
+                raise StoreError(
+                    f"{store.url}: version {self.version} was discarded or already published "
+                    "(a newer build published meanwhile); run the build again"
+                )
             pipe.multi()
             pipe.set(store.key(self.version, "published_at"), _now())
             pipe.zadd(f"{ns}:published", {str(self.version): self.version})

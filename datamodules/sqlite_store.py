@@ -39,7 +39,10 @@ CREATE TABLE IF NOT EXISTS titles (version INTEGER NOT NULL, item TEXT NOT NULL,
     PRIMARY KEY (version, item)) WITHOUT ROWID;
 """
 # The primary key of `entries` is the (version, user) index lookups and pruning use.
-_READ = "SELECT c.version, e.entry FROM current c LEFT JOIN entries e ON e.version = c.version AND e.user = ? WHERE c.id = 0"
+_READ = (
+    "SELECT c.version, e.entry FROM current c "
+    "LEFT JOIN entries e ON e.version = c.version AND e.user = ? WHERE c.id = 0"
+)
 
 
 class SQLiteStore(RecommendationStore):
@@ -65,8 +68,9 @@ class SQLiteStore(RecommendationStore):
         """This thread's connection (SQLite connections are not shared across threads)."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
-                                         check_same_thread=False)
+            connection = sqlite3.connect(
+                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             self._local.connection = connection
@@ -77,7 +81,11 @@ class SQLiteStore(RecommendationStore):
         return SQLiteWriter(self, int(cursor.lastrowid), meta)
 
     def attach_version(self, version: int) -> SQLiteWriter:
-        row = self.connection().execute("SELECT meta, published_at FROM versions WHERE version = ?", (version,)).fetchone()
+        row = (
+            self.connection()
+            .execute("SELECT meta, published_at FROM versions WHERE version = ?", (version,))
+            .fetchone()
+        )
         if row is None or row[1] is not None:
             raise StoreError(f"{self.url}: version {version} is not a build in progress; cannot write into it")
         return SQLiteWriter(self, version, VersionMeta(**json.loads(row[0])))
@@ -101,7 +109,9 @@ class SQLiteStore(RecommendationStore):
         connection = self.connection()
         connection.execute("BEGIN")
         try:
-            row = connection.execute("SELECT meta, published_at, popular FROM versions WHERE version = ?", (version,)).fetchone()
+            row = connection.execute(
+                "SELECT meta, published_at, popular FROM versions WHERE version = ?", (version,)
+            ).fetchone()
             if row is None:
                 raise StoreError(f"{self.url}: version {version} was pruned while being read; retry the lookup")
             titles = dict(connection.execute("SELECT item, title FROM titles WHERE version = ?", (version,)).fetchall())
@@ -137,11 +147,16 @@ class SQLiteWriter(VersionWriter):
 
     def write(self, users: Sequence[str], items: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]) -> None:
         _check_rows(users, items, scores, self.meta.k)
-        rows = [(self.version, str(user), encode_entry(row, row_scores)) for user, row, row_scores in zip(users, items, scores)]
+        rows = [
+            (self.version, str(user), encode_entry(row, row_scores))
+            for user, row, row_scores in zip(users, items, scores)
+        ]
         self._transaction([("INSERT OR REPLACE INTO entries (version, user, entry) VALUES (?, ?, ?)", rows)])
 
     def set_popular(self, items: Sequence[str], scores: Sequence[float]) -> None:
-        self._transaction([("UPDATE versions SET popular = ? WHERE version = ?", (encode_entry(items, scores), self.version))])
+        self._transaction(
+            [("UPDATE versions SET popular = ? WHERE version = ?", (encode_entry(items, scores), self.version))]
+        )
 
     def set_titles(self, titles: Mapping[str, str]) -> None:
         rows = [(self.version, str(item), str(title)) for item, title in titles.items()]
@@ -153,17 +168,28 @@ class SQLiteWriter(VersionWriter):
         try:
             row = connection.execute("SELECT published_at FROM versions WHERE version = ?", (self.version,)).fetchone()
             if row is None or row[0] is not None:
-                raise StoreError(f"{self.store.url}: version {self.version} was discarded or already published "
-                                 "(a newer build published meanwhile); run the build again")
+                raise StoreError(
+                    f"{self.store.url}: version {self.version} was discarded or already published "
+                    "(a newer build published meanwhile); run the build again"
+                )
             connection.execute("UPDATE versions SET published_at = ? WHERE version = ?", (_now(), self.version))
             connection.execute("INSERT OR REPLACE INTO current (id, version) VALUES (0, ?)", (self.version,))
-            kept = [version for (version,) in connection.execute(
-                "SELECT version FROM versions WHERE published_at IS NOT NULL ORDER BY version DESC LIMIT ?",
-                (self.store.keep_versions,))]
+            kept = [
+                version
+                for (version,) in connection.execute(
+                    "SELECT version FROM versions WHERE published_at IS NOT NULL ORDER BY version DESC LIMIT ?",
+                    (self.store.keep_versions,),
+                )
+            ]
             # pruned: older published versions beyond the kept ones, and abandoned builds older than this one
-            stale = [version for (version,) in connection.execute(
-                f"SELECT version FROM versions WHERE version NOT IN ({','.join('?' * len(kept))}) AND "
-                "(published_at IS NOT NULL OR version < ?)", (*kept, self.version))]
+            stale = [
+                version
+                for (version,) in connection.execute(
+                    f"SELECT version FROM versions WHERE version NOT IN ({','.join('?' * len(kept))}) AND "
+                    "(published_at IS NOT NULL OR version < ?)",
+                    (*kept, self.version),
+                )
+            ]
             for table in ("entries", "titles", "versions"):
                 connection.executemany(f"DELETE FROM {table} WHERE version = ?", [(version,) for version in stale])
         except BaseException:
@@ -173,5 +199,6 @@ class SQLiteWriter(VersionWriter):
         return self.store.current_version()
 
     def abort(self) -> None:
-        self._transaction([(f"DELETE FROM {table} WHERE version = ?", (self.version,))
-                           for table in ("entries", "titles", "versions")])
+        self._transaction(
+            [(f"DELETE FROM {table} WHERE version = ?", (self.version,)) for table in ("entries", "titles", "versions")]
+        )

@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from datamodules.recommendation_store import VersionMeta, open_store  # noqa: E402
+from datamodules.recommendation_store import VersionMeta, open_store
 
 
 def free_port() -> int:
@@ -46,7 +46,7 @@ def wait_until(check, timeout_s: float, what: str) -> None:
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # noqa: BLE001, S110 - not up yet: poll again
             pass
         if time.monotonic() > deadline:
             raise SystemExit(f"{what} did not come up within {timeout_s:.0f}s")
@@ -98,17 +98,36 @@ async def load(port: int, paths: list[str], concurrency: int, duration_s: float,
     latencies: list[float] = []
     budget = [requests]
     start = time.perf_counter()
-    errors = await asyncio.gather(*(_connection(port, paths, start + duration_s, budget, latencies) for _ in range(concurrency)))
+    errors = await asyncio.gather(
+        *(_connection(port, paths, start + duration_s, budget, latencies) for _ in range(concurrency))
+    )
     elapsed = time.perf_counter() - start
     ms = np.asarray(latencies) * 1000
-    return {"requests": len(ms), "errors": sum(errors), "rps": len(ms) / elapsed, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99))}
+    return {
+        "requests": len(ms),
+        "errors": sum(errors),
+        "rps": len(ms) / elapsed,
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+    }
 
 
 def serve(url: str, port: int, workers: int, http: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "lightning_modules.cli", "serve", "--store", url, "--port", str(port),
-               "--workers", str(workers), "--http", http]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_modules.cli",
+        "serve",
+        "--store",
+        url,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--http",
+        http,
+    ]
     return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
 
 
@@ -135,17 +154,32 @@ def main() -> None:
     rng = random.Random(0)
     paths = [f"/v1/users/user{rng.randrange(args.users)}/recommendations?k=10" for _ in range(5000)]
     paths += [f"/v1/users/stranger{n}/recommendations?k=10" for n in range(int(len(paths) * args.unknown))]
-    print(f"users={args.users} K={args.k} workers={args.workers} http={args.http} unknown={args.unknown:.0%} "
-          f"duration<={args.duration}s requests<={args.requests} per level; cpus={os.cpu_count()}")
+    print(
+        f"users={args.users} K={args.k} workers={args.workers} http={args.http} unknown={args.unknown:.0%} "
+        f"duration<={args.duration}s requests<={args.requests} per level; cpus={os.cpu_count()}"
+    )
     try:
         for kind in args.stores.split(","):
             if kind == "sqlite":
                 url = f"sqlite:///{workdir / 'bench.sqlite'}"
             else:
                 port = free_port()
-                processes.append(subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port),
-                                                   "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                                  stdout=subprocess.DEVNULL))
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            shutil.which("redis-server") or "redis-server",
+                            "--port",
+                            str(port),
+                            "--bind",
+                            "127.0.0.1",
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "no",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                    )
+                )
                 url = f"redis://127.0.0.1:{port}/0"
                 wait_until(lambda url=url: open_store(url) is not None, 10, "redis-server")
             write_rate = fill_store(url, args.users, args.k, args.items, seed=0)
@@ -161,8 +195,10 @@ def main() -> None:
             print(f"{'concurrency':>11} {'requests':>9} {'errors':>6} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
             for level in (int(value) for value in args.concurrency.split(",")):
                 result = asyncio.run(load(port, paths, level, args.duration, args.requests))
-                print(f"{level:>11} {result['requests']:>9} {result['errors']:>6} {result['rps']:>8.0f} "
-                      f"{result['p50']:>7.2f} {result['p99']:>7.2f}")
+                print(
+                    f"{level:>11} {result['requests']:>9} {result['errors']:>6} {result['rps']:>8.0f} "
+                    f"{result['p50']:>7.2f} {result['p99']:>7.2f}"
+                )
             server.terminate()
             server.wait(timeout=30)
     finally:

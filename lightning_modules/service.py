@@ -2,7 +2,8 @@
 
 Routes (read-only)::
 
-    GET  /v1/users/{user_id}/recommendations?k=10  -> {"user", "items": [{"item", "title", "score"}], "version", "fallback"}
+    GET  /v1/users/{user_id}/recommendations?k=10
+         -> {"user", "items": [{"item", "title", "score"}], "version", "fallback"}
     GET  /v1/version                                -> the published version's record
     GET  /healthz                                   -> {"status": "ok", "version"}
     POST /v1/recommendations {"history": [...], "k": 10}  -> live beam search (needs --model), else 501
@@ -46,7 +47,9 @@ def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status)
 
 
-def create_app(store: RecommendationStore, live_recommender: LiveRecommender | None = None, api_key: str | None = None) -> FastAPI:
+def create_app(
+    store: RecommendationStore, live_recommender: LiveRecommender | None = None, api_key: str | None = None
+) -> FastAPI:
     """The lookup service over ``store``.
 
     Args:
@@ -103,8 +106,14 @@ def create_app(store: RecommendationStore, live_recommender: LiveRecommender | N
             found = store.lookup(user_id, k)
         except KOutOfRange as err:
             return _error(422, str(err))
-        return _json({"user": user_id, "items": items_payload(found.items, found.scores, found.version),
-                      "version": found.version, "fallback": found.fallback})
+        return _json(
+            {
+                "user": user_id,
+                "items": items_payload(found.items, found.scores, found.version),
+                "version": found.version,
+                "fallback": found.fallback,
+            }
+        )
 
     @app.get("/v1/version")
     async def version() -> Response:
@@ -128,10 +137,18 @@ def create_app(store: RecommendationStore, live_recommender: LiveRecommender | N
         if not isinstance(k, int) or not 1 <= k <= record.k:
             return _error(422, f"k must be an integer between 1 and {record.k}; got {k!r}")
         if live_recommender is None:
-            return _error(501, "live recommendations need a model: start `semconv serve --model <exported stage-3 dir>`")
+            return _error(
+                501, "live recommendations need a model: start `semconv serve --model <exported stage-3 dir>`"
+            )
         items, scores = live_recommender([str(item) for item in history], k)
-        return _json({"user": None, "items": items_payload(list(items), [float(s) for s in scores], record.version),
-                      "version": "live", "fallback": False})
+        return _json(
+            {
+                "user": None,
+                "items": items_payload(list(items), [float(s) for s in scores], record.version),
+                "version": "live",
+                "fallback": False,
+            }
+        )
 
     return app
 
@@ -183,8 +200,11 @@ def serve_main(argv: Sequence[str]) -> int:
     except SemConvError as err:
         print(f"semconv serve: {err}", file=sys.stderr)
         return 2
-    print(f"semconv serve: version {record.version} ({record.num_users} users, K={record.k}) on "
-          f"http://{args.host}:{args.port}", file=sys.stderr)
+    print(
+        f"semconv serve: version {record.version} ({record.num_users} users, K={record.k}) on "
+        f"http://{args.host}:{args.port}",
+        file=sys.stderr,
+    )
     common = {"host": args.host, "port": args.port, "access_log": False, "log_level": "warning", "http": args.http}
     if args.workers > 1:
         os.environ["SEMCONV_STORE"] = args.store

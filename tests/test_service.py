@@ -26,23 +26,40 @@ def test_known_user_gets_the_cached_list_with_titles(published):
     store, version = published
     response = TestClient(create_app(store)).get("/v1/users/u1/recommendations?k=3")
     assert response.status_code == 200
-    assert response.json() == {"user": "u1", "version": version, "fallback": False, "items": [
-        {"item": "i1", "title": "Title 1", "score": 5.0}, {"item": "i2", "title": "Title 2", "score": 4.0},
-        {"item": "i3", "title": None, "score": 3.0}]}
+    assert response.json() == {
+        "user": "u1",
+        "version": version,
+        "fallback": False,
+        "items": [
+            {"item": "i1", "title": "Title 1", "score": 5.0},
+            {"item": "i2", "title": "Title 2", "score": 4.0},
+            {"item": "i3", "title": None, "score": 3.0},
+        ],
+    }
     assert len(TestClient(create_app(store)).get("/v1/users/u1/recommendations").json()["items"]) == 5  # K=5 < 10
 
 
 def test_unknown_user_gets_the_popular_fallback(published):
     store, version = published
     body = TestClient(create_app(store)).get("/v1/users/stranger/recommendations?k=2").json()
-    assert body == {"user": "stranger", "version": version, "fallback": True, "items": [
-        {"item": "p0_0", "title": None, "score": 5.0}, {"item": "p0_1", "title": None, "score": 4.0}]}
+    assert body == {
+        "user": "stranger",
+        "version": version,
+        "fallback": True,
+        "items": [{"item": "p0_0", "title": None, "score": 5.0}, {"item": "p0_1", "title": None, "score": 4.0}],
+    }
 
 
-@pytest.mark.parametrize(("query", "message"), [
-    ("k=6", "k must be between 1 and 5"), ("k=0", "k must be between 1 and 5"), ("k=-3", "between 1 and 5"),
-    ("k=abc", "k must be an integer between 1 and 5; got 'abc'"), ("k=2.5", "k must be an integer"),
-])
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("k=6", "k must be between 1 and 5"),
+        ("k=0", "k must be between 1 and 5"),
+        ("k=-3", "between 1 and 5"),
+        ("k=abc", "k must be an integer between 1 and 5; got 'abc'"),
+        ("k=2.5", "k must be an integer"),
+    ],
+)
 def test_bad_k_is_a_422_naming_the_limit(published, query, message):
     response = TestClient(create_app(published[0])).get(f"/v1/users/u1/recommendations?{query}")
     assert response.status_code == 422 and message in response.json()["error"]
@@ -50,10 +67,14 @@ def test_bad_k_is_a_422_naming_the_limit(published, query, message):
 
 def test_errors_are_json_4xx_never_a_trace(published):
     client = TestClient(create_app(published[0]), raise_server_exceptions=False)
-    for method, path, status in [("get", "/nope", 404), ("get", "/v1/users/u1", 404), ("delete", "/v1/version", 405),
-                                 ("post", "/v1/users/u1/recommendations", 405),
-                                 ("get", "/v1/users/" + "x" * 300 + "/recommendations", 422),
-                                 ("get", "/v1/users/a%01b/recommendations", 422)]:
+    for method, path, status in [
+        ("get", "/nope", 404),
+        ("get", "/v1/users/u1", 404),
+        ("delete", "/v1/version", 405),
+        ("post", "/v1/users/u1/recommendations", 405),
+        ("get", "/v1/users/" + "x" * 300 + "/recommendations", 422),
+        ("get", "/v1/users/a%01b/recommendations", 422),
+    ]:
         response = getattr(client, method)(path)
         assert response.status_code == status, path
         assert set(response.json()) == {"error"} and "Traceback" not in response.text
@@ -77,12 +98,16 @@ def test_api_key_is_required_when_set(published, monkeypatch):
 
 
 def test_live_path_is_501_without_a_model_and_calls_the_recommender(published):
-    store, version = published
+    store, _ = published
     client = TestClient(create_app(store))
     response = client.post("/v1/recommendations", json={"history": ["i1", "i2"]})
     assert response.status_code == 501 and "--model" in response.json()["error"]
-    for body, status in [(b"{not json", 400), (b'{"history": []}', 422), (b'{"history": "i1"}', 422),
-                         (b'{"history": ["i1"], "k": 99}', 422)]:
+    for body, status in [
+        (b"{not json", 400),
+        (b'{"history": []}', 422),
+        (b'{"history": "i1"}', 422),
+        (b'{"history": ["i1"], "k": 99}', 422),
+    ]:
         assert client.post("/v1/recommendations", content=body).status_code == status
     calls = []
 
@@ -92,7 +117,10 @@ def test_live_path_is_501_without_a_model_and_calls_the_recommender(published):
 
     body = TestClient(create_app(store, live)).post("/v1/recommendations", json={"history": ["i1", 7], "k": 2}).json()
     assert calls == [(["i1", "7"], 2)]
-    assert body["items"] == [{"item": "i0", "title": "Title 0", "score": 0.5}, {"item": "i9", "title": None, "score": 0.25}]
+    assert body["items"] == [
+        {"item": "i0", "title": "Title 0", "score": 0.5},
+        {"item": "i9", "title": None, "score": 0.25},
+    ]
 
 
 def test_an_empty_store_is_refused_at_start(tmp_path, capsys):

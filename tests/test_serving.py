@@ -27,7 +27,12 @@ def test_publish_then_lookup_round_trip(store_url):
         store.lookup("u1", 3)
     version = publish_version(store, USERS, offset=0)
     found = store.lookup("u7", 3)
-    assert (found.items, found.scores, found.version, found.fallback) == (["i7", "i8", "i9"], [5.0, 4.0, 3.0], version, False)
+    assert (found.items, found.scores, found.version, found.fallback) == (
+        ["i7", "i8", "i9"],
+        [5.0, 4.0, 3.0],
+        version,
+        False,
+    )
     assert store.lookup("u7", 5).items == [f"i{7 + j}" for j in range(5)]
     unknown = store.lookup("nobody", 2)
     assert (unknown.items, unknown.scores, unknown.fallback) == (["p0_0", "p0_1"], [5.0, 4.0], True)
@@ -55,8 +60,11 @@ def test_versions_are_pruned_to_keep_versions(store_url):
     assert store.current_version().version == published[-1]
     assert store.lookup("u1", 1).items == ["i3001"]
     if hasattr(store, "client"):
-        leftovers = [key for key in store.client.scan_iter(match="semconv:v:*") if not key.startswith(
-            tuple(f"semconv:v:{v}:".encode() for v in published[-2:]))]
+        leftovers = [
+            key
+            for key in store.client.scan_iter(match="semconv:v:*")
+            if not key.startswith(tuple(f"semconv:v:{v}:".encode() for v in published[-2:]))
+        ]
         assert leftovers == []
     else:
         rows = store.connection().execute("SELECT DISTINCT version FROM entries ORDER BY version").fetchall()
@@ -124,7 +132,9 @@ def test_readers_during_a_publish_see_one_whole_version(store_url):
     for user, found in seen:
         offset = offsets[found.version]
         base = offset + int(user[1:])
-        assert found.items == [f"i{base + j}" for j in range(5)] and found.scores == [5.0 + offset - j for j in range(5)]
+        assert found.items == [f"i{base + j}" for j in range(5)] and found.scores == [
+            5.0 + offset - j for j in range(5)
+        ]
     assert len({found.version for _, found in seen}) >= 2
 
 
@@ -145,7 +155,9 @@ def test_a_build_killed_mid_way_leaves_the_previous_version(store_url):
     store = open_store(store_url)
     first = publish_version(store, USERS[:100], offset=0)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    build = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, store_url], stdout=subprocess.PIPE, cwd=REPO, env=env)
+    build = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_BUILD, store_url], stdout=subprocess.PIPE, cwd=REPO, env=env
+    )
     try:
         assert build.stdout.readline().strip() == b"writing"
         time.sleep(0.2)
