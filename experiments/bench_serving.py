@@ -187,7 +187,7 @@ def main() -> None:
             server = serve(url, port, args.workers, args.http)
             processes.append(server)
             base = f"http://127.0.0.1:{port}"
-            wait_until(lambda base=base: httpx.get(f"{base}/healthz").status_code == 200, 60, "semconv serve")
+            wait_until(lambda base=base: httpx.get(f"{base}/healthz").status_code == 200, 180, "semconv serve")
             with httpx.Client(base_url=base) as client:
                 known, unknown = client.get("/v1/users/user1/recommendations?k=10").json(), client.get(paths[-1]).json()
                 assert len(known["items"]) == 10 and not known["fallback"] and unknown["fallback"], (known, unknown)

@@ -205,12 +205,14 @@ def serve_main(argv: Sequence[str]) -> int:
         f"http://{args.host}:{args.port}",
         file=sys.stderr,
     )
-    common = {"host": args.host, "port": args.port, "access_log": False, "log_level": "warning", "http": args.http}
+    common = {"host": args.host, "port": args.port, "access_log": False, "log_level": os.environ.get("SEMCONV_LOG_LEVEL", "warning"), "http": args.http}
     if args.workers > 1:
         os.environ["SEMCONV_STORE"] = args.store
         os.environ["SEMCONV_MODEL"] = args.model or ""
         store.close()
-        uvicorn.run("lightning_modules.service:build_app_from_env", factory=True, workers=args.workers, **common)
+        # a worker imports the project's packages (torch, Lightning) before it answers: allow it time
+        uvicorn.run("lightning_modules.service:build_app_from_env", factory=True, workers=args.workers,
+                    timeout_worker_healthcheck=120, **common)
     else:
         uvicorn.run(create_app(store, live), **common)
     return 0

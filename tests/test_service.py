@@ -140,3 +140,38 @@ def test_serve_refuses_a_store_for_another_dataset_or_a_bad_url(published, capsy
     with pytest.raises(SystemExit):
         main(["serve", "--store", "mysql://x"])
     assert "sqlite:///" in capsys.readouterr().err
+
+
+def test_semconv_serve_answers_over_http(published, tmp_path):
+    """The real command: uvicorn on a free loopback port, one lookup, then stopped."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.conftest import REPO
+    from tests.serving_fixtures import free_port
+
+    store, version = published
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "lightning_modules.cli", "serve", "--store", store.url, "--port", str(port)]
+    server = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/v1/users/u2/recommendations?k=2", timeout=5)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "semconv serve did not answer within 120 s"
+                time.sleep(0.2)
+        assert response.status_code == 200
+        assert [entry["item"] for entry in response.json()["items"]] == ["i2", "i3"]
+        assert response.json()["version"] == version
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
