@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from datamodules.recommendation_store import RecommendationStore, VersionMeta, open_store
+from datamodules.recommendation_store import RecommendationStore, VersionMeta
 
 
 def free_port() -> int:
@@ -54,9 +54,6 @@ def redis_url(tmp_path_factory):
     process.wait(timeout=10)
 
 
-_DB_COUNTER = iter(range(1, 16))
-
-
 @pytest.fixture(params=["sqlite", "redis"])
 def store_url(request, tmp_path):
     """A fresh, empty store of each kind (Redis: a fresh namespace on the session server)."""
@@ -84,6 +81,3 @@ def publish_version(store: RecommendationStore, users: list[str], offset: int, k
     writer.set_titles({f"i{offset + j}": f"Title {offset + j}" for j in range(3)})
     return writer.publish().version
 
-
-def reopen(url: str) -> RecommendationStore:
-    return open_store(url)
