@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.base import RecDataModule, Source, _identity_collate
 from datamodules.errors import require
 from datamodules.item_index import ItemIndex, load_item_index
+from datamodules.predict_prompts import PredictPrompts, read_user_list
 from datamodules.prompt_tasks import PromptTasks, TaskWeights
 from datamodules.split import SampleIndex
 from datamodules.synthetic import SyntheticSpec
@@ -153,6 +154,7 @@ class PromptDataModule(RecDataModule):
             the same per-sample loss for ~2.6x (``1``) to ~4x (``8``) fewer token columns at 1:3 negatives;
             ``batch_size`` then counts packs. Needs an attention implementation that takes a 4-D mask (SDPA or
             eager, not flash-attention-2).
+        predict_users: a file of original user ids (one a line) that ``lightning predict`` covers; None = every user.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class PromptDataModule(RecDataModule):
         test_all_users: bool = False,
         group_by_length: bool = True,
         pack_prompts: int = 0,
+        predict_users: str | None = None,
     ) -> None:
         super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
         field = "data.init_args."
@@ -195,6 +198,7 @@ class PromptDataModule(RecDataModule):
         self.test_all_users = test_all_users
         self.group_by_length = group_by_length
         self.pack_prompts = pack_prompts
+        self.predict_users = predict_users
         self.item_index: ItemIndex | None = None
         self.prompts: PromptTasks | None = None
 
@@ -244,5 +248,9 @@ class PromptDataModule(RecDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        """Every user (or those of ``predict_users``) with their whole sequence's last ``max_history`` items."""
+        rows = np.arange(self.catalogue.num_users)
+        if self.predict_users is not None:
+            rows = read_user_list(self.predict_users, self.catalogue.user_ids)
+        return self._loader(PredictPrompts(self.prompts, rows), self.eval_batch_size, shuffle=False)
 

@@ -15,7 +15,7 @@ from tests.conftest import CONFIGS, REPO, tiny_run_args
 # Pieces that only make sense stacked on a model config: parsed together with the quickstart config.
 PIECES = sorted(str(path.relative_to(CONFIGS)) for sub in ("trainer", "logger", "strategy") for path in (CONFIGS / sub).glob("*.yaml"))
 RUN_CONFIGS = sorted(
-    str(path.relative_to(CONFIGS)) for path in CONFIGS.rglob("*.yaml") if path.parent.name not in ("trainer", "logger", "strategy", "sweeps")
+    str(path.relative_to(CONFIGS)) for path in CONFIGS.rglob("*.yaml") if path.parent.name not in ("trainer", "logger", "strategy", "sweeps", "serving")
 )
 
 
