@@ -140,10 +140,6 @@ def main(args: list[str] | None = None) -> None:
         args: command-line arguments (``sys.argv[1:]`` when None).
     """
     given = list(sys.argv[1:] if args is None else args)
-    if given[:1] == ["serve"]:  # `semconv serve --store URL`: the online lookup service, not a LightningCLI run
-        from lightning_modules.service import serve_main
-
-        sys.exit(serve_main(given[1:]))
     debug = DEBUG_FLAG in given or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if DEBUG_FLAG in given:
         given = [arg for arg in given if arg != DEBUG_FLAG]
@@ -151,6 +147,13 @@ def main(args: list[str] | None = None) -> None:
             sys.argv[1:] = given
             os.environ[DEBUG_ENV] = "1"
     try:
+        if given[:1] == ["serve"]:  # `semconv serve --store URL`: the online lookup service, not a LightningCLI run
+            from lightning_modules.service import serve_main
+
+            status = serve_main(given[1:])
+            if status:
+                raise SystemExit(status)
+            return
         build_cli(None if args is None else given)
     except Exception as error:
         cause = None if debug else project_error(error)
