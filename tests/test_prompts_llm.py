@@ -324,7 +324,7 @@ def test_mlp_code_embedding_init(synthetic_dir, tmp_path):
         rows.append(after[32000:].clone())
     assert not torch.allclose(rows[0], rows[1])
     bare = load_item_index(tmp_path / "export" / "index.json", catalogue)
-    with pytest.raises(ValueError, match="codebook.pt"):
+    with pytest.raises(ArtifactError, match="bare index without code vectors"):
         module._init_code_embeddings(model, bare, table)
 
 
