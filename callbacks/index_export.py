@@ -24,7 +24,14 @@ import torch
 from callbacks.collisions import gather_codes
 from datamodules.artifacts import ArtifactWriter, read_artifact
 from datamodules.code_index import (
-    CODE_VECTORS_FILE, CODEBOOK_FILE, INDEX_FILE, KIND, codes_to_tokens, collision_rate, index_json, shared_mask,
+    CODE_VECTORS_FILE,
+    CODEBOOK_FILE,
+    INDEX_FILE,
+    KIND,
+    codes_to_tokens,
+    collision_rate,
+    index_json,
+    shared_mask,
     tokens_to_codes,
 )
 from datamodules.items import check_embeddings, read_matrix

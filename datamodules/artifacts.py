@@ -22,11 +22,14 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from datamodules.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 MANIFEST_NAME = "manifest.json"
 
@@ -119,8 +122,12 @@ class Artifact:
         return self.directory / name
 
 
-def read_artifact(directory: str | os.PathLike, kind: str, expected: Mapping[str, Any] | None = None,
-                  fix: str = "rerun the stage that writes it") -> Artifact:
+def read_artifact(
+    directory: str | os.PathLike,
+    kind: str,
+    expected: Mapping[str, Any] | None = None,
+    fix: str = "rerun the stage that writes it",
+) -> Artifact:
     """Read and verify an artifact: its kind, the hash of every file it lists and the ``expected`` fields.
 
     Args:
@@ -177,14 +184,14 @@ class ArtifactWriter:
         self.staging: Path | None = None
         self._lock = None
 
-    def __enter__(self) -> ArtifactWriter:
+    def __enter__(self) -> Self:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         if self.target.exists() and not (self.target / MANIFEST_NAME).is_file() and any(self.target.iterdir()):
             raise ArtifactError(
-                f"{self.target} holds files but no {MANIFEST_NAME}: it is not an artifact this stage wrote, and writing "
-                "would replace it as a whole. Point the exporter at an empty or new directory."
+                f"{self.target} holds files but no {MANIFEST_NAME}: it is not an artifact this stage wrote, and "
+                "writing would replace it as a whole. Point the exporter at an empty or new directory."
             )
-        self._lock = open(self.target.with_name(f".{self.target.name}.lock"), "a")  # noqa: SIM115 (held until exit)
+        self._lock = open(self.target.with_name(f".{self.target.name}.lock"), "a")  # held until __exit__
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -198,7 +205,7 @@ class ArtifactWriter:
         self.staging.mkdir()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)  # gone already after a commit
             self.staging = None

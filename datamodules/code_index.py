@@ -78,5 +78,7 @@ def level_statistics(codes: torch.Tensor, codebook_size: int) -> list[dict[str, 
         p = counts / counts.sum().clamp_min(1)
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
         used = int((counts > 0).sum())
-        stats.append({"usage": used / codebook_size, "perplexity": float(entropy.exp()), "dead_codes": codebook_size - used})
+        stats.append(
+            {"usage": used / codebook_size, "perplexity": float(entropy.exp()), "dead_codes": codebook_size - used}
+        )
     return stats
