@@ -79,7 +79,7 @@ class GenerativeRecommender(L.LightningModule):
         lora_target_modules: module names to adapt (default: every Llama attention and MLP projection).
         full_finetune: train every weight (LC-Rec); exclusive with ``lora``.
         code_embedding_init: ``random`` (HF resizing), or ``mlp2``/``mlp3``: new input rows from the stage-2
-            codebook vectors (``codebook.pt`` of the index directory) through a 2-/3-layer MLP, or ``linear``:
+            code vectors (``code_vectors.pt`` of the index artifact) through a 2-/3-layer MLP, or ``linear``:
             through a fixed orthogonal map, which keeps the vectors' inner products (an item's code rows then sum
             to its behaviour embedding, so co-interacted items start close).
         init_code_head: also write the initialised code rows into an untied LM head, so the output code rows
