@@ -186,6 +186,8 @@ class ArtifactWriter:
 
     def __enter__(self) -> Self:
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        if self.target.exists() and not self.target.is_dir():
+            raise ArtifactError(f"{self.target} is a file; an artifact is a directory. Point the exporter at a directory.")
         if self.target.exists() and not (self.target / MANIFEST_NAME).is_file() and any(self.target.iterdir()):
             raise ArtifactError(
                 f"{self.target} holds files but no {MANIFEST_NAME}: it is not an artifact this stage wrote, and "

@@ -277,23 +277,44 @@ def _run_ddp(tmp_path: Path, config: str, callbacks: str, data_dir: Path, *extra
     """``lightning fit`` of a shipped config on 2 CPU processes under DDP, with its callbacks replaced."""
     override = tmp_path / "callbacks.yaml"
     override.write_text("trainer:\n  enable_progress_bar: false\n  callbacks:\n" + callbacks)
-    args = ["fit", *tiny_run_args(config, data_dir, tmp_path / "run", "--config", str(override), "--trainer.max_epochs=1",
-                                  "--trainer.devices=2", "--trainer.strategy=ddp", *extra)]
+    args = [
+        "fit",
+        *tiny_run_args(
+            config,
+            data_dir,
+            tmp_path / "run",
+            "--config",
+            str(override),
+            "--trainer.max_epochs=1",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            *extra,
+        ),
+    ]
     script = tmp_path / "run.py"  # DDP relaunches the script for rank 1, so it must be a file
-    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom lightning_modules.cli import main\nmain({args!r})\n")
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom lightning_modules.cli import main\nmain({args!r})\n"
+    )
     # a deadlock fails the test at the timeout instead of hanging the suite
-    result = subprocess.run([sys.executable, str(script)], cwd=REPO, timeout=300, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, timeout=300, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_two_process_ddp_embedding_export_finishes(synthetic_dir, tmp_path):
     """DCCF with its exporter: the export reads trainer.log_dir (a broadcast) on every rank, then rank 0 writes."""
     out = tmp_path / "embeddings"
-    _run_ddp(tmp_path, "synthetic/dccf.yaml",
-             "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-             "      init_args: {monitor: val/ndcg@10, mode: max}\n"
-             f"    - {{class_path: callbacks.ItemEmbeddingExporter, init_args: {{output_dir: '{out}'}}}}\n",
-             synthetic_dir, "--test_after_fit=false", "--trainer.limit_train_batches=2")
+    _run_ddp(
+        tmp_path,
+        "synthetic/dccf.yaml",
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {monitor: val/ndcg@10, mode: max}\n"
+        f"    - {{class_path: callbacks.ItemEmbeddingExporter, init_args: {{output_dir: '{out}'}}}}\n",
+        synthetic_dir,
+        "--test_after_fit=false",
+        "--trainer.limit_train_batches=2",
+    )
     manifest = read_artifact(out, "item_embeddings").manifest
     assert manifest["dataset"]["num_items"] == 120 and manifest["config_file"] is not None
 
@@ -302,12 +323,18 @@ def test_two_process_ddp_code_index_export_finishes(synthetic_dir, tmp_path):
     """The codebook with k-means init, the collision logger (gathers codes, writes its table) and the exporter."""
     torch.save(torch.randn(120, 16, generator=torch.Generator().manual_seed(0)), tmp_path / "embeddings.pt")
     out = tmp_path / "codebook"
-    _run_ddp(tmp_path, "synthetic/codebook.yaml",
-             "    - {class_path: callbacks.KMeansInit, init_args: {num_samples: 0, iters: 3}}\n"
-             "    - class_path: callbacks.CollisionLogger\n"
-             f"    - {{class_path: callbacks.CodeIndexExporter, init_args: {{output_dir: '{out}'}}}}\n",
-             synthetic_dir, "--data.init_args.embeddings", str(tmp_path / "embeddings.pt"),
-             "--model.init_args.num_levels=3", "--model.init_args.codebook_size=8")
+    _run_ddp(
+        tmp_path,
+        "synthetic/codebook.yaml",
+        "    - {class_path: callbacks.KMeansInit, init_args: {num_samples: 0, iters: 3}}\n"
+        "    - class_path: callbacks.CollisionLogger\n"
+        f"    - {{class_path: callbacks.CodeIndexExporter, init_args: {{output_dir: '{out}'}}}}\n",
+        synthetic_dir,
+        "--data.init_args.embeddings",
+        str(tmp_path / "embeddings.pt"),
+        "--model.init_args.num_levels=3",
+        "--model.init_args.codebook_size=8",
+    )
     manifest = read_artifact(out, "code_index").manifest
     assert manifest["num_items"] == 120 and manifest["final_collision_rate"] == 0
     assert len(load_code_index(out)) == 120
