@@ -40,6 +40,8 @@ from lightning_modules.components.quantizer import build_quantizer
 
 log = logging.getLogger(__name__)
 
+RATES = ("raw_collision_rate", "final_collision_rate")
+
 
 def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
     """Code every catalogue item, resolve collisions and write the index artifact. Returns the manifest."""
@@ -204,7 +206,7 @@ class CodeIndexExporter(L.Callback):
             return
         if trainer.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
             self.manifest = export_code_index(self.output_dir, pl_module, trainer.datamodule)
-            rates = {f"export/{key}": float(self.manifest[key]) for key in ("raw_collision_rate", "final_collision_rate")}
+            rates = {f"export/{key}": float(self.manifest[key]) for key in RATES}
             for logger in trainer.loggers:
                 logger.log_metrics(rates, step=trainer.global_step)
         trainer.strategy.barrier("code_index_export")

@@ -187,7 +187,7 @@ class ArtifactWriter:
     def __enter__(self) -> Self:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         if self.target.exists() and not self.target.is_dir():
-            raise ArtifactError(f"{self.target} is a file; an artifact is a directory. Point the exporter at a directory.")
+            raise ArtifactError(f"{self.target} is a file; an artifact is a directory. Point the exporter at one.")
         if self.target.exists() and not (self.target / MANIFEST_NAME).is_file() and any(self.target.iterdir()):
             raise ArtifactError(
                 f"{self.target} holds files but no {MANIFEST_NAME}: it is not an artifact this stage wrote, and "
@@ -223,16 +223,19 @@ class ArtifactWriter:
         return self.staging / name
 
     def write_json(self, name: str, obj: Any, indent: int | None = 2) -> Path:
+        """Stage ``obj`` as the JSON file ``name``."""
         path = self.path(name)
         path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False), encoding="utf-8")
         return path
 
     def save_torch(self, name: str, obj: Any) -> Path:
+        """Stage ``obj`` as the ``torch.save`` file ``name``."""
         path = self.path(name)
         torch.save(obj, path)
         return path
 
     def copy(self, name: str, source: str | os.PathLike) -> Path:
+        """Stage a copy of ``source`` as file ``name``."""
         path = self.path(name)
         shutil.copy2(source, path)
         return path
@@ -240,14 +243,19 @@ class ArtifactWriter:
     def commit(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Record every staged file's hash in the manifest, then swap the staging directory in for the target.
 
-        Returns the manifest written.
+        Args:
+            fields: what describes the artifact's inputs and shape (dataset fingerprint, sizes, config, ...);
+                ``kind`` and ``files`` are added.
+
+        Returns:
+            The manifest written.
         """
         staging = self.path(MANIFEST_NAME).parent
-        files = {
-            path.relative_to(staging).as_posix(): sha256_file(path)
-            for path in sorted(staging.rglob("*"))
-            if path.is_file() and path.name != MANIFEST_NAME
-        }
+        staged = [path for path in sorted(staging.rglob("*")) if path.is_file() and path.name != MANIFEST_NAME]
+        for path in staged:  # on disk before the rename makes them visible
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        files = {path.relative_to(staging).as_posix(): sha256_file(path) for path in staged}
         manifest = {**jsonable(dict(fields)), "kind": self.kind, "files": files}
         with open(staging / MANIFEST_NAME, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, ensure_ascii=False)

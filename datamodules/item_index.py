@@ -61,7 +61,7 @@ class ItemIndex:
         """``[L, K, dim]`` float32 stage-2 code vectors (code ``k`` of level ``l``), for code-row initialisation.
 
         Raises:
-            ArtifactError: the index is a bare ``index.json`` (no code vectors), or the file's shape is not ``[L, K, dim]``.
+            ArtifactError: a bare ``index.json`` (no code vectors), or a file whose shape is not ``[L, K, dim]``.
         """
         if self.code_vectors_path is None:
             raise ArtifactError(
@@ -69,12 +69,12 @@ class ItemIndex:
                 "export directory (configs/*/codebook.yaml writes one), or use `code_embedding_init: random`."
             )
         vectors = torch.load(self.code_vectors_path, map_location="cpu", weights_only=True)
-        if not isinstance(vectors, torch.Tensor) or tuple(vectors.shape[:2]) != (self.num_levels, self.codebook_size) \
-                or vectors.dim() != 3:
-            shape = list(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        shape = list(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        expected = [self.num_levels, self.codebook_size]
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 3 or shape[:2] != expected:
             raise ArtifactError(
-                f"{self.code_vectors_path}: expected a [{self.num_levels}, {self.codebook_size}, dim] tensor, got {shape}; "
-                "rerun stage 2."
+                f"{self.code_vectors_path}: expected a [{self.num_levels}, {self.codebook_size}, dim] tensor, got "
+                f"{shape}; rerun stage 2."
             )
         return vectors.float()
 
@@ -117,16 +117,23 @@ def _read_index_json(path: Path) -> dict[str, list[str]]:
     return raw
 
 
-def _read_export(directory: Path, catalogue: Catalogue) -> tuple[dict[str, Any], int, int]:
-    """Verify a stage-2 artifact against this catalogue; returns its manifest, ``L`` and ``K``."""
-    fix = ("point `data.init_args.index` at the stage-2 export made from this dataset (configs/*/codebook.yaml), "
-           "or rerun stage 2")
-    manifest = read_artifact(directory, KIND, {"dataset": catalogue.fingerprint(), "final_collision_rate": 0.0}, fix).manifest
+def _read_export(directory: Path, catalogue: Catalogue) -> tuple[dict[str, Any], int, int, str | None]:
+    """Verify a stage-2 artifact against this catalogue; returns its manifest, ``L``, ``K`` and code-vector file."""
+    fix = (
+        "point `data.init_args.index` at the stage-2 export made from this dataset (configs/*/codebook.yaml), "
+        "or rerun stage 2"
+    )
+    expected = {"dataset": catalogue.fingerprint(), "final_collision_rate": 0.0}
+    artifact = read_artifact(directory, KIND, expected, fix)
+    manifest = artifact.manifest
     for key in ("num_levels", "codebook_size"):
         if not isinstance(manifest.get(key), int) or manifest[key] < 1:
-            raise ArtifactError(f"{directory / 'manifest.json'}: {key} missing or not a positive integer "
-                                f"({manifest.get(key)!r}); {fix}.")
-    return manifest, manifest["num_levels"], manifest["codebook_size"]
+            raise ArtifactError(
+                f"{directory / 'manifest.json'}: {key} missing or not a positive integer ({manifest.get(key)!r}); "
+                f"{fix}."
+            )
+    vectors = str(artifact.file(manifest["code_vectors"])) if manifest.get("code_vectors") else None
+    return manifest, manifest["num_levels"], manifest["codebook_size"], vectors
 
 
 def _append_disambiguation_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -158,9 +165,8 @@ def load_item_index(path: str | Path | None, catalogue: Catalogue, dedupe_collis
     path = Path(path)
     manifest, vectors_path = None, None
     if path.is_dir():
-        manifest, num_levels, codebook_size = _read_export(path, catalogue)
+        manifest, num_levels, codebook_size, vectors_path = _read_export(path, catalogue)
         index_file = path / INDEX_FILE
-        vectors_path = str(path / manifest["code_vectors"]) if manifest.get("code_vectors") else None
     else:
         index_file = path
     raw = _read_index_json(index_file)
@@ -208,5 +214,6 @@ def load_item_index(path: str | Path | None, catalogue: Catalogue, dedupe_collis
         )
     return ItemIndex(
         codes=codes, num_levels=num_levels, codebook_size=codebook_size, source=str(path.resolve()),
-        index_hash=sha256_file(index_file), code_vectors_path=vectors_path, manifest=manifest, deduplicated=deduplicated,
+        index_hash=sha256_file(index_file), code_vectors_path=vectors_path, manifest=manifest,
+        deduplicated=deduplicated,
     )

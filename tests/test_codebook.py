@@ -118,7 +118,8 @@ def test_reassignment_is_the_minimum_cost_assignment():
     result = make_unique(codes, lambda items: cost[items], codebook_size=7)
     keeper = int(cost[:5, 0].argmin())
     movers = [item for item in range(5) if item != keeper]
-    best = min(sum(float(cost[m, c]) for m, c in zip(movers, chosen)) for chosen in itertools.permutations(range(2, 7), 4))
+    assignments = itertools.permutations(range(2, 7), 4)
+    best = min(sum(float(cost[m, c]) for m, c in zip(movers, chosen)) for chosen in assignments)
     assert result.codes[keeper].tolist() == [0, 0] and result.codes[5].tolist() == [0, 1]
     assert sum(float(cost[m, result.codes[m, 1]]) for m in movers) == pytest.approx(best)
 
@@ -178,7 +179,8 @@ def test_cli_export_round_trip_and_cold_start(synthetic_dir, item_embeddings, tm
     main(["fit", *tiny_run_args("synthetic/codebook.yaml", synthetic_dir, root, *common, "--trainer.max_epochs=2")])
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["kind"] == "code_index" and manifest["num_levels"] == 3 and manifest["codebook_size"] == 8
-    assert manifest["raw_collision_rate"] > 0 and manifest["final_collision_rate"] == 0 and manifest["dataset"]["name"] == "Synthetic"
+    assert manifest["raw_collision_rate"] > 0 and manifest["final_collision_rate"] == 0
+    assert manifest["dataset"]["name"] == "Synthetic"
     index = json.loads((export / "index.json").read_text())
     assert sorted(map(int, index)) == list(range(120))
     assert all(re.fullmatch(r"<a_\d+>", tokens[0]) and re.fullmatch(r"<c_\d+>", tokens[2]) for tokens in index.values())

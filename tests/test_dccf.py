@@ -276,4 +276,5 @@ def test_exporter_keeps_the_old_artifact_when_the_export_crashes(synthetic_dir, 
         main(["fit", *args, *_exporter_override(tmp_path, out)])
     after, again = load_item_embeddings(out, catalogue)  # the previous artifact, whole and verified
     assert torch.equal(after, before) and again["manifest"] == provenance["manifest"]
-    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".embeddings")) == [".embeddings.lock"]
+    leftovers = sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".embeddings"))
+    assert leftovers == [".embeddings.lock"]  # no staging or old directory left behind

@@ -106,7 +106,9 @@ def make_unique(
         for group in range(len(mover_prefixes)):  # a loop over collision groups, not over the catalogue
             members = torch.nonzero(mover_group == group).flatten().numpy()
             free = torch.nonzero(~used[group]).flatten().numpy()
-            rows, cols = linear_sum_assignment(cost[np.ix_(members, free)]) if len(free) else (np.zeros(0, int), np.zeros(0, int))
+            rows, cols = np.zeros(0, int), np.zeros(0, int)
+            if len(free):
+                rows, cols = linear_sum_assignment(cost[np.ix_(members, free)])
             codes[movers[members[rows]], -1] = torch.from_numpy(free[cols]).long()
             overflow.extend(movers[np.setdiff1d(members, members[rows])].tolist())
     if overflow and fixed.any() and fixed_extra is None and pair_cost is not None and num_levels >= 2:
