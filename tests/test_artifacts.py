@@ -70,6 +70,10 @@ def test_writer_records_every_file_hash_and_the_reader_checks_them(tmp_path):
         read_artifact(target, "demo")
     with pytest.raises(ArtifactError, match="no manifest"):
         read_artifact(tmp_path / "absent", "demo")
+    (tmp_path / "legacy").mkdir()  # a manifest written by hand or by an older version: no file hashes
+    (tmp_path / "legacy" / "manifest.json").write_text(json.dumps({"kind": "demo"}))
+    with pytest.raises(ArtifactError, match="records no file hashes"):
+        read_artifact(tmp_path / "legacy", "demo")
     assert _leftovers(tmp_path) == []
 
 
