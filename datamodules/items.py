@@ -116,7 +116,7 @@ class ItemDataModule(RecDataModule):
         source: ``auto``, ``lcrec``, ``amazon_raw`` or ``synthetic``.
         processed_dir: where raw Amazon files are converted to LC-Rec format.
         synthetic: shape of the synthetic dataset (``source: synthetic`` only).
-        max_history: unused by this view; kept so the catalogue and split match the other stages.
+        max_history: unused by this view (it builds no split); accepted so every stage shares one data config.
         batch_size: training batch size (items).
         eval_batch_size: validation/predict batch size.
         num_workers: DataLoader workers.
