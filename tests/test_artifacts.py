@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -299,11 +301,23 @@ def _run_ddp(tmp_path: Path, config: str, callbacks: str, data_dir: Path, *extra
     script.write_text(
         f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom lightning_modules.cli import main\nmain({args!r})\n"
     )
-    # a deadlock fails the test at the timeout instead of hanging the suite
-    result = subprocess.run(
-        [sys.executable, str(script)], cwd=REPO, timeout=300, capture_output=True, text=True, check=False
+    # a deadlock fails the test at the timeout instead of hanging the suite; the whole process group (rank 1 is a
+    # grandchild) is killed then
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the 2-process run did not finish in 300 s (a rank waits in a collective the others never join)")
+    assert process.returncode == 0, stderr[-3000:]
 
 
 def test_two_process_ddp_embedding_export_finishes(synthetic_dir, tmp_path):
