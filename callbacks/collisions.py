@@ -9,11 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.results import run_directory
 from datamodules.artifacts import atomic_write, atomic_write_json
-from lightning_modules.components.code_index import collision_rate, level_statistics
+from datamodules.code_index import collision_rate, level_statistics
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +72,14 @@ class CollisionLogger(L.Callback):
         self.history.append(row)
         self._items, self._codes = [], []
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.history:
             return
-        directory = run_directory(trainer)
+        directory = run_directory(trainer)  # trainer.log_dir broadcasts under DDP: read on every rank
+        if trainer.is_global_zero:
+            self._write_summary(trainer, directory)
+
+    def _write_summary(self, trainer: L.Trainer, directory) -> None:
         columns = list(self.history[-1])
         rows = [[row.get(column) for column in columns] for row in self.history]
         buffer = io.StringIO()

@@ -1,14 +1,14 @@
 """Export the best checkpoint's item embeddings for the tokenizer stage (the paper's "Recsys emb").
 
-After ``fit``, :class:`ItemEmbeddingExporter` writes ``item_embeddings.pt`` (``[num_items, dim]`` float32, row i =
-item i) and then ``manifest.json`` into ``output_dir``. The manifest names the dataset (name and content hash),
-the shape, the model class and config, the checkpoint and its validation metrics; :func:`datamodules.load_item_embeddings`
-checks it before the next stage uses the tensor. Works with any :class:`lightning_modules.IDRecommender`.
+After ``fit``, :class:`ItemEmbeddingExporter` writes the artifact ``item_embeddings`` into ``output_dir`` through
+:class:`datamodules.artifacts.ArtifactWriter` (staged, then swapped in whole): ``item_embeddings.pt``
+(``[num_items, dim]`` float32, row i = item i) and a manifest naming the dataset fingerprint, the shape, the model
+class and config, the checkpoint and its validation metrics. :func:`datamodules.load_item_embeddings` reads it.
+Works with any :class:`lightning_modules.IDRecommender`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -16,9 +16,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
-from datamodules.artifacts import MANIFEST_NAME, atomic_write, read_manifest, sha256_file, write_manifest
+from datamodules.artifacts import MANIFEST_NAME, ArtifactWriter, jsonable, read_artifact
+from datamodules.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -26,25 +26,12 @@ EMBEDDINGS_NAME = "item_embeddings.pt"
 KIND = "item_embeddings"
 
 
-def _jsonable(value: Any) -> Any:
-    """Hyperparameters as plain JSON (dataclass specs, paths and other objects become dicts/strings)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 class ItemEmbeddingExporter(L.Callback):
     """Writes the best checkpoint's item embeddings and a manifest into ``output_dir`` when ``fit`` ends.
 
     The best checkpoint is ``trainer.checkpoint_callback.best_model_path`` (the current weights when there is
-    none); the module's weights are restored afterwards. An existing artifact of the same dataset is replaced;
-    one of another dataset (name or content hash) is refused at ``setup``, before training starts.
+    none); the module's weights are restored afterwards. An existing artifact of the same dataset is replaced
+    once the new one is complete; one of another dataset is refused at ``setup``, before training starts.
 
     Args:
         output_dir: artifact directory, e.g. ``artifacts/games/dccf_embeddings``.
@@ -57,23 +44,20 @@ class ItemEmbeddingExporter(L.Callback):
         self._val_by_step: dict[int, dict[str, float]] = {}
 
     # ------------------------------------------------------------------------------------------ checks
-    def check_target(self, name: str, content_hash: str) -> None:
+    def check_target(self, fingerprint: dict[str, Any]) -> None:
         """Refuse to replace another dataset's artifact unless ``overwrite_other_dataset``."""
         if not (Path(self.output_dir) / MANIFEST_NAME).is_file() or self.overwrite_other_dataset:
             return
-        existing = read_manifest(self.output_dir)
-        if existing.get("dataset") != name or existing.get("content_hash") != content_hash:
-            raise ValueError(
-                f"{self.output_dir} holds item embeddings of dataset {existing.get('dataset')} (hash "
-                f"{str(existing.get('content_hash'))[:12]}), but this run trains on {name} (hash {content_hash[:12]}). "
-                "Point ItemEmbeddingExporter's `output_dir` at another directory, or set `overwrite_other_dataset: true` "
-                "to replace it."
-            )
+        try:
+            read_artifact(self.output_dir, KIND, {"dataset": fingerprint}, fix=(
+                f"this run trains on {fingerprint['name']}. Point ItemEmbeddingExporter's `output_dir` at another "
+                "directory, or set `overwrite_other_dataset: true` to replace it"))
+        except ArtifactError as err:
+            raise ArtifactError(f"ItemEmbeddingExporter will not replace {self.output_dir}: {err}") from None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            catalogue = _catalogue(trainer)
-            self.check_target(catalogue.name, catalogue.content_hash)  # fail before hours of training, not after
+            self.check_target(_catalogue(trainer).fingerprint())  # fail before hours of training, not after
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # remember every validation's metrics, to report those of the epoch whose checkpoint is exported
@@ -81,8 +65,14 @@ class ItemEmbeddingExporter(L.Callback):
             self._val_by_step[trainer.global_step] = _val_metrics(trainer)
 
     # ------------------------------------------------------------------------------------------ export
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir broadcasts under DDP: every rank reads it before the rank-zero export
+        config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+        if trainer.is_global_zero:
+            self._export_best(trainer, pl_module, config)
+        trainer.strategy.barrier("item_embedding_export")
+
+    def _export_best(self, trainer: L.Trainer, pl_module: L.LightningModule, config: Path) -> None:
         checkpoint = trainer.checkpoint_callback
         best_path = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         original = {key: value.detach().clone() for key, value in pl_module.state_dict().items()}
@@ -111,12 +101,14 @@ class ItemEmbeddingExporter(L.Callback):
             "monitor": getattr(checkpoint, "monitor", None) if best_path else None,
             "best_score": None if score is None or math.isnan(float(score)) else float(score),
             "val_metrics": val_metrics,
+            "config_file": str(config) if config.is_file() else None,
         })
 
-    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, embeddings: torch.Tensor, extra: dict[str, Any]) -> Path:
-        """Write the tensor, then the manifest (its presence marks a complete artifact)."""
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, embeddings: torch.Tensor,
+               extra: dict[str, Any]) -> Path:
+        """Write the artifact (tensor and manifest) through one :class:`ArtifactWriter`."""
         catalogue = _catalogue(trainer)
-        self.check_target(catalogue.name, catalogue.content_hash)
+        self.check_target(catalogue.fingerprint())
         if embeddings.dim() != 2 or embeddings.shape[0] != catalogue.num_items:
             raise ValueError(
                 f"{type(pl_module).__name__}.item_embeddings() has shape {tuple(embeddings.shape)}, "
@@ -124,29 +116,22 @@ class ItemEmbeddingExporter(L.Callback):
             )
         if not torch.isfinite(embeddings).all():
             raise ValueError(f"{type(pl_module).__name__}.item_embeddings() contains NaN/inf; not exporting them")
-        directory = Path(self.output_dir)
-        (directory / MANIFEST_NAME).unlink(missing_ok=True)  # a crash below must not leave an old manifest on new data
-        path = atomic_write(directory / EMBEDDINGS_NAME, lambda handle: torch.save(embeddings, handle), mode="wb")
         datamodule = trainer.datamodule
-        config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
-        manifest = {
-            "kind": KIND,
-            "dataset": catalogue.name,
-            "content_hash": catalogue.content_hash,
-            "num_items": catalogue.num_items,
-            "dim": int(embeddings.shape[1]),
-            "file": EMBEDDINGS_NAME,
-            "sha256": sha256_file(path),
-            "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
-            "model_hparams": _jsonable(dict(pl_module.hparams)),
-            "datamodule_class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
-            "datamodule_hparams": _jsonable(dict(getattr(datamodule, "hparams", {}))),
-            "config_file": str(config) if config.is_file() else None,
-            **extra,
-        }
-        write_manifest(directory, manifest)
-        log.info("item embeddings %s of %s written to %s", tuple(embeddings.shape), catalogue.name, directory)
-        return directory
+        with ArtifactWriter(self.output_dir, KIND) as writer:
+            writer.save_torch(EMBEDDINGS_NAME, embeddings)
+            writer.commit({
+                "dataset": catalogue.fingerprint(),
+                "num_items": catalogue.num_items,
+                "dim": int(embeddings.shape[1]),
+                "file": EMBEDDINGS_NAME,
+                "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                "model_hparams": jsonable(dict(pl_module.hparams)),
+                "datamodule_class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+                "datamodule_hparams": jsonable(dict(getattr(datamodule, "hparams", {}))),
+                **extra,
+            })
+        log.info("item embeddings %s of %s written to %s", tuple(embeddings.shape), catalogue.name, self.output_dir)
+        return Path(self.output_dir)
 
 
 def _catalogue(trainer: L.Trainer):

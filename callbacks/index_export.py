@@ -1,12 +1,12 @@
 """Export the item index (LC-Rec ``index.json``) at the end of fit, and extend it with new items (cold start).
 
-The artifact directory::
+The artifact directory (kind ``code_index``, written whole by :class:`datamodules.artifacts.ArtifactWriter`)::
 
-    index.json      {"<item_idx>": ["<a_12>", "<b_3>", "<c_200>", "<d_7>"]}   collision-free
-    codebook.pt     quantiser config + state (codebooks), LLM projection: enough to code new items
-    manifest.json   dataset name + hash, L, K, distance, raw/final collision rates, config, embeddings source
-
-Every file is written atomically and the manifest last, so its presence marks a complete export.
+    index.json        {"<item_idx>": ["<a_12>", "<b_3>", "<c_200>", "<d_7>"]}   collision-free
+    code_vectors.pt   [L, K, dim] float32 code vectors: what stage 3 initialises code-token rows from
+    codebook.pt       quantiser config + state, LLM projection: enough to code new items
+    manifest.json     dataset fingerprint, L, K, distance, raw/final collision rates, config, embeddings source,
+                      and the SHA-256 of every file above
 """
 
 from __future__ import annotations
@@ -14,30 +14,33 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.collisions import gather_codes
-from datamodules.artifacts import atomic_write, atomic_write_json, read_manifest, write_manifest
-from datamodules.items import read_matrix, check_embeddings
-from lightning_modules.components.code_index import (
-    codes_to_tokens, collision_rate, last_level_costs, make_unique, pair_costs, shared_mask, tokens_to_codes,
+from datamodules.artifacts import ArtifactWriter, read_artifact
+from datamodules.code_index import (
+    CODE_VECTORS_FILE,
+    CODEBOOK_FILE,
+    INDEX_FILE,
+    KIND,
+    codes_to_tokens,
+    collision_rate,
+    index_json,
+    shared_mask,
+    tokens_to_codes,
 )
+from datamodules.items import check_embeddings, read_matrix
+from lightning_modules.components.code_assignment import last_level_costs, make_unique, pair_costs
 from lightning_modules.components.quantizer import build_quantizer
 
 log = logging.getLogger(__name__)
 
-KIND = "code_index"
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+RATES = ("raw_collision_rate", "final_collision_rate")
 
 
 def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
@@ -47,8 +50,7 @@ def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, data
     cost = pl_module.last_level_cost(out, datamodule.llm_embeddings, has_text)
     quantizer = pl_module.quantizer
     resolution = make_unique(out.codes, cost, quantizer.codebook_size)
-    catalogue, directory = datamodule.catalogue, Path(output_dir)
-    index = {str(item): tokens for item, tokens in enumerate(codes_to_tokens(resolution.codes))}
+    catalogue = datamodule.catalogue
     state = {
         "quantizer_config": quantizer.config(),
         "quantizer_state": {name: value.detach().cpu() for name, value in quantizer.state_dict().items()},
@@ -57,45 +59,41 @@ def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, data
         "behaviour_weight": float(pl_module.hparams.behaviour_weight),
         "llm_alignment_weight": float(pl_module.hparams.llm_alignment_weight),
     }
-    atomic_write(directory / "codebook.pt", lambda handle: torch.save(state, handle), mode="wb")
-    atomic_write_json(directory / "index.json", index, indent=None)
-    manifest = {
-        "kind": KIND,
-        "dataset": catalogue.name,
-        "content_hash": catalogue.content_hash,
-        "num_items": catalogue.num_items,
-        "catalogue_items": catalogue.num_items,
-        "num_levels": quantizer.num_levels,
-        "codebook_size": quantizer.codebook_size,
-        "tokens_per_item": int(resolution.codes.shape[1]),
-        "distance": quantizer.distance,
-        "variant": quantizer.config()["variant"],
-        "raw_collision_rate": resolution.raw_collision_rate,
-        "final_collision_rate": resolution.final_collision_rate,
-        "reassigned_items": resolution.reassigned,
-        "extra_level_items": resolution.extra_level,
-        "items_with_text": int(has_text.sum()),
-        "config": _jsonable(dict(pl_module.hparams)),
-        "embeddings": _jsonable(getattr(datamodule, "embedding_source", {})),
-        "llm_path": getattr(datamodule, "llm_path", None),
-        "cold_start": [],
-    }
-    write_manifest(directory, manifest)
+    with ArtifactWriter(output_dir, KIND) as writer:
+        writer.save_torch(CODEBOOK_FILE, state)
+        writer.save_torch(CODE_VECTORS_FILE, quantizer.codebooks.detach().cpu().float().contiguous())
+        writer.write_json(INDEX_FILE, index_json(resolution.codes), indent=None)
+        manifest = writer.commit({
+            "dataset": catalogue.fingerprint(),
+            "num_items": catalogue.num_items,
+            "num_levels": quantizer.num_levels,
+            "codebook_size": quantizer.codebook_size,
+            "tokens_per_item": int(resolution.codes.shape[1]),
+            "code_vectors": CODE_VECTORS_FILE,
+            "distance": quantizer.distance,
+            "variant": quantizer.config()["variant"],
+            "raw_collision_rate": resolution.raw_collision_rate,
+            "final_collision_rate": resolution.final_collision_rate,
+            "reassigned_items": resolution.reassigned,
+            "extra_level_items": resolution.extra_level,
+            "items_with_text": int(has_text.sum()),
+            "config": dict(pl_module.hparams),
+            "embeddings": getattr(datamodule, "embedding_source", {}),
+            "llm_path": getattr(datamodule, "llm_path", None),
+            "cold_start": [],
+        })
     log.info(
         "index of %d items written to %s: raw collision rate %.4f%%, %d re-assigned, %d on an extra level, final %.1f%%",
-        catalogue.num_items, directory, 100 * resolution.raw_collision_rate, resolution.reassigned, resolution.extra_level,
-        100 * resolution.final_collision_rate,
+        catalogue.num_items, output_dir, 100 * resolution.raw_collision_rate, resolution.reassigned,
+        resolution.extra_level, 100 * resolution.final_collision_rate,
     )
     return manifest
 
 
 def load_code_index(codebook_dir: str | Path) -> dict[str, list[str]]:
-    """``index.json`` of an export (after checking its manifest)."""
-    directory = Path(codebook_dir)
-    manifest = read_manifest(directory)
-    if manifest.get("kind") != KIND:
-        raise ValueError(f"{directory}: manifest kind {manifest.get('kind')!r} is not {KIND!r}; not a code index export.")
-    return json.loads((directory / "index.json").read_text(encoding="utf-8"))
+    """``index.json`` of a verified ``code_index`` artifact (kind and file hashes checked)."""
+    artifact = read_artifact(codebook_dir, KIND)
+    return json.loads(artifact.file(INDEX_FILE).read_text(encoding="utf-8"))
 
 
 def assign_codes(
@@ -110,7 +108,8 @@ def assign_codes(
     New items get ids ``N .. N + M - 1`` after the ``N`` indexed ones. Each takes its nearest codes; a new item
     whose tuple is taken (by an existing item or a closer new one) is moved to a free last-level code of its
     prefix, exactly as at export. Existing items never change. The extended ``index.json`` and an updated
-    manifest (``num_items``, a ``cold_start`` record) are written to ``output_dir`` (default: in place).
+    manifest (``num_items``, a ``cold_start`` record) are written as a new complete artifact to ``output_dir``
+    (default: in place, replacing the old artifact whole once the new one is written).
 
     Args:
         codebook_dir: a ``CodeIndexExporter`` directory.
@@ -124,9 +123,10 @@ def assign_codes(
         The extended index ``{"<item_idx>": [tokens]}`` (existing and new items).
     """
     directory, out_dir = Path(codebook_dir), Path(output_dir or codebook_dir)
-    index = load_code_index(directory)
-    manifest = read_manifest(directory)
-    state = torch.load(directory / "codebook.pt", map_location="cpu", weights_only=True)
+    artifact = read_artifact(directory, KIND)
+    manifest = dict(artifact.manifest)
+    index = json.loads(artifact.file(INDEX_FILE).read_text(encoding="utf-8"))
+    state = torch.load(artifact.file(CODEBOOK_FILE), map_location="cpu", weights_only=True)
     quantizer = build_quantizer(**state["quantizer_config"])
     quantizer.load_state_dict(state["quantizer_state"])
     quantizer.eval()
@@ -164,17 +164,18 @@ def assign_codes(
                              pair_cost=(lambda rows: pair_cost(rows - n)) if pair_cost else None)
     extended = dict(index)
     extended.update({str(n + row): tokens for row, tokens in enumerate(codes_to_tokens(resolution.codes[n:]))})
-    if out_dir != directory:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(directory / "codebook.pt", out_dir / "codebook.pt")
-    atomic_write_json(out_dir / "index.json", extended, indent=None)
+    manifest.pop("files")
     manifest["num_items"] = n + m
     manifest["final_collision_rate"] = collision_rate(resolution.codes)
-    manifest.setdefault("cold_start", []).append({
+    manifest["cold_start"] = [*manifest.get("cold_start", []), {
         "first_item": n, "last_item": n + m - 1, "count": m, "embeddings_sha256": digest,
         "raw_collision_rate": raw_rate, "reassigned_items": resolution.reassigned,
-    })
-    write_manifest(out_dir, manifest)
+    }]
+    with ArtifactWriter(out_dir, KIND) as writer:  # a new complete artifact, swapped in whole (also in place)
+        writer.copy(CODEBOOK_FILE, artifact.file(CODEBOOK_FILE))
+        writer.copy(CODE_VECTORS_FILE, artifact.file(CODE_VECTORS_FILE))
+        writer.write_json(INDEX_FILE, extended, indent=None)
+        writer.commit(manifest)
     log.info("cold start: %d new items coded into %s (%.2f%% collided raw, %d re-assigned)", m, out_dir, 100 * raw_rate, resolution.reassigned)
     return extended
 
@@ -182,7 +183,7 @@ def assign_codes(
 class CodeIndexExporter(L.Callback):
     """At the end of fit, write the collision-free index of every catalogue item (see the module docstring).
 
-    Collisions are resolved by :func:`lightning_modules.components.code_index.make_unique`; the manifest
+    Collisions are resolved by :func:`lightning_modules.components.code_assignment.make_unique`; the manifest
     reports the raw and final collision rates. The index uses the weights at the end of fit.
 
     During ``lightning predict`` with ``data.init_args.cold_start_embeddings``, the predicted codes of the new
@@ -199,14 +200,16 @@ class CodeIndexExporter(L.Callback):
         self.manifest: dict[str, Any] | None = None
         self._predictions: list[dict[str, torch.Tensor]] = []
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             log.warning("fit was interrupted; the code index is not exported")
             return
-        self.manifest = export_code_index(self.output_dir, pl_module, trainer.datamodule)
-        for logger in trainer.loggers:
-            logger.log_metrics({f"export/{key}": float(self.manifest[key]) for key in ("raw_collision_rate", "final_collision_rate")}, step=trainer.global_step)
+        if trainer.is_global_zero:  # no collective inside: the other ranks wait at the barrier below
+            self.manifest = export_code_index(self.output_dir, pl_module, trainer.datamodule)
+            rates = {f"export/{key}": float(self.manifest[key]) for key in RATES}
+            for logger in trainer.loggers:
+                logger.log_metrics(rates, step=trainer.global_step)
+        trainer.strategy.barrier("code_index_export")
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._predictions = []
@@ -224,4 +227,6 @@ class CodeIndexExporter(L.Callback):
         items, codes = gather_codes(pl_module, items, codes)
         if trainer.global_rank == 0:
             codes = codes[torch.argsort(items)]
-            self.extended = assign_codes(self.output_dir, datamodule.cold_start, output_dir=self.predict_output_dir, raw_codes=codes)
+            self.extended = assign_codes(self.output_dir, datamodule.cold_start, output_dir=self.predict_output_dir,
+                                         raw_codes=codes)
+        trainer.strategy.barrier("cold_start_export")

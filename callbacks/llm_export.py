@@ -9,8 +9,8 @@ The artifact directory::
     manifest.json        dataset name + hash, index source + hash, L, K, tokens per item, vocabulary size,
                          base model path / Llama config, training mode, LoRA settings, step
 
-Everything is written into a temporary sibling directory that is renamed over ``output_dir`` only when complete,
-so a crash never leaves a half-written export (an older export is replaced as a whole).
+Written through :class:`datamodules.artifacts.ArtifactWriter` (staged beside ``output_dir``, renamed into place
+whole, every file's hash in the manifest) and read back through :func:`datamodules.artifacts.read_artifact`.
 """
 
 from __future__ import annotations
@@ -18,55 +18,37 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from datamodules.artifacts import atomic_write_json, read_manifest, write_manifest
+from datamodules.artifacts import ArtifactWriter, read_artifact
 
 log = logging.getLogger(__name__)
 
 KIND = "llm_recommender"
 
 
-def _replace_directory(source: Path, target: Path) -> None:
-    """Rename ``source`` over ``target``; an existing ``target`` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(source, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_llm(output_dir: str | Path, module: Any, datamodule: Any, global_step: int = 0) -> dict[str, Any]:
     """Write the export of a :class:`lightning_modules.GenerativeRecommender` (see the module docstring)."""
     hp, index, catalogue = module.hparams, datamodule.item_index, datamodule.catalogue
-    target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    with ArtifactWriter(output_dir, KIND) as writer:
         if hp.lora and hp.model_path is not None:
             weights = "adapter"
-            module.model.save_pretrained(staging / weights)
+            module.model.save_pretrained(writer.path(weights))
         else:
             weights = "model"
             # merge on a copy: the live module keeps its LoRA layers for `test` after fit
             model = copy.deepcopy(module.model).merge_and_unload() if hp.lora else module.model
-            model.save_pretrained(staging / weights)
-        module.tokenizer.save_pretrained(staging / "tokenizer")
-        atomic_write_json(staging / "index.json", {str(item): tokens for item, tokens in enumerate(index.tokens())}, indent=None)
-        manifest = {
-            "kind": KIND,
-            "dataset": catalogue.name,
-            "content_hash": catalogue.content_hash,
+            model.save_pretrained(writer.path(weights))
+        module.tokenizer.save_pretrained(writer.path("tokenizer"))
+        writer.write_json("index.json", {str(item): tokens for item, tokens in enumerate(index.tokens())}, indent=None)
+        lora = {"rank": hp.lora_rank, "alpha": hp.lora_alpha, "dropout": hp.lora_dropout,
+                "target_modules": module.lora_target_modules}
+        manifest = writer.commit({
+            "dataset": catalogue.fingerprint(),
             "num_items": catalogue.num_items,
             "index_source": index.source,
             "index_hash": index.index_hash,
@@ -79,27 +61,20 @@ def export_llm(output_dir: str | Path, module: Any, datamodule: Any, global_step
             "base_model": hp.model_path,
             "llama_config": hp.llama_config,
             "mode": "lora" if hp.lora else "full_finetune",
-            "lora": {"rank": hp.lora_rank, "alpha": hp.lora_alpha, "dropout": hp.lora_dropout, "target_modules": module.lora_target_modules} if hp.lora else None,
+            "lora": lora if hp.lora else None,
             "weights": weights,
             "global_step": int(global_step),
-        }
-        write_manifest(staging, manifest)
-        _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("LLM recommender exported to %s (%s)", target, weights)
+        })
+    log.info("LLM recommender exported to %s (%s)", output_dir, weights)
     return manifest
 
 
 def load_exported_llm(directory: str | Path, dtype: str = "auto") -> tuple[Any, Any, dict[str, Any]]:
-    """Load ``(model, tokenizer, manifest)`` of an export; an adapter is applied to its resized base model."""
+    """Load ``(model, tokenizer, manifest)`` of a verified export; an adapter is applied to its resized base model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    if manifest.get("kind") != KIND:
-        raise ValueError(f"{directory}: manifest kind {manifest.get('kind')!r} is not {KIND!r}; not an LLM export")
+    manifest = read_artifact(directory, KIND, fix="export the LLM again (configs/*/llm.yaml with LLMExporter)").manifest
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
     if manifest["weights"] == "adapter":
         from peft import PeftModel

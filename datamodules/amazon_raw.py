@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import gzip
-import html
 import json
 import logging
 import re
@@ -31,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.artifacts import atomic_write, read_manifest, sha256_files, write_manifest
+from datamodules.artifacts import atomic_write, manifest_matches, sha256_files, write_manifest
 from datamodules.catalogue import DataFormatError, lcrec_paths, write_lcrec
+from datamodules.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ _REVIEW_NAMES = ("{}.json", "{}.json.gz", "{}_5.json", "{}_5.json.gz")
 _META_NAMES = ("meta_{}.json", "meta_{}.json.gz")
 _RAW_NAME = re.compile(r"^(?:meta_)?(?P<category>[^.]+?)(?:_5)?\.json(?:\.gz)?$")
 _NOT_RAW = {"manifest"}  # our own output, in case processed_dir == data_dir
-_TAG = re.compile(r"<[^>]*>")
-_SPACE = re.compile(r"\s+")
 _FIX_LINE = "Fix or delete that line (each line must be one JSON object), or re-download the file."
 
 
@@ -121,16 +119,6 @@ def find_raw_files(data_dir: str | Path, category: str | None = None, required: 
 
 
 # ------------------------------------------------------------------------------------------ reading
-def clean_text(value: Any) -> str:
-    """Unescape HTML, drop tags, collapse whitespace; lists are cleaned piecewise and joined with a space."""
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return " ".join(piece for piece in map(clean_text, value) if piece)
-    # a tag becomes a space so that "line<br>line" does not glue words together
-    return _SPACE.sub(" ", _TAG.sub(" ", html.unescape(str(value)))).strip()
-
-
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield ``(line number, line)`` of a plain or gzipped text file, skipping blank lines."""
     lineno = 0
@@ -334,8 +322,4 @@ def convert_amazon_raw(raw_dir: str | Path, category: str, out_dir: str | Path, 
 
 
 def _is_current(out_dir: Path, expected: dict[str, Any], outputs: list[Path]) -> bool:
-    try:
-        manifest = read_manifest(out_dir)
-    except (FileNotFoundError, ValueError):
-        return False
-    return all(manifest.get(key) == value for key, value in expected.items()) and all(p.is_file() for p in outputs)
+    return manifest_matches(out_dir, expected) and all(p.is_file() for p in outputs)

@@ -73,6 +73,9 @@ class RecDataModule(L.LightningDataModule):
         seed: seed for anything the view samples (negatives, shuffling is Lightning's).
     """
 
+    #: Whether the view needs the leave-last-out split (the items view of the tokenizer stage does not).
+    uses_split = True
+
     def __init__(
         self,
         data_dir: str = "data/synthetic",
@@ -163,11 +166,12 @@ class RecDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.catalogue is None:
             self.catalogue = self.load_catalogue()
-            self.split = LeaveLastOutSplit(self.catalogue, self.max_history)
             stats = self.catalogue.statistics()
             log.info("dataset %s: %s", self.catalogue.name, stats.as_dict())
             self.statistics = stats
-            self._log_repeated_targets()
+            if self.uses_split:
+                self.split = LeaveLastOutSplit(self.catalogue, self.max_history)
+                self._log_repeated_targets()
 
     def _log_repeated_targets(self) -> None:
         """Count held-out targets that also occur earlier in the user's history (masked at full ranking)."""

@@ -1,11 +1,11 @@
-"""The catalogue: users' chronological interaction sequences plus optional item text and item codes.
+"""The catalogue: users' chronological interaction sequences plus optional item text and reviews.
 
 Stored in CSR form (``offsets`` into one flat ``items`` array) so that every split and view is built with
 vectorised numpy instead of per-user Python loops. Reads and writes the LC-Rec directory format::
 
     <Name>.inter.json   {"<user_idx>": [item_idx, ...]}      chronological, required
     <Name>.item.json    {"<item_idx>": {"title": ..., "description": ...}}   optional
-    <Name>.index.json   {"<item_idx>": ["<a_12>", "<b_3>", ...]}             optional
+    <Name>.index.json   {"<item_idx>": ["<a_12>", "<b_3>", ...]}             optional (read by datamodules.item_index)
     <Name>.review.json  {"<user_idx>": {"<item_idx>": "review text"}}         optional (query alignment)
 """
 
@@ -64,7 +64,6 @@ class Catalogue:
         offsets: ``[num_users + 1]`` CSR offsets; user ``u``'s items are ``items[offsets[u]:offsets[u + 1]]``.
         items: flat chronological item ids.
         item_text: optional ``{item_id: {"title": str, "description": str, ...}}``.
-        item_codes: optional ``{item_id: ["<a_1>", ...]}`` from an ``.index.json``.
         reviews: optional ``{(user_row, item_id): text}`` used as query text.
         content_hash: hash of the source files; stored in every downstream artifact's manifest.
     """
@@ -75,11 +74,14 @@ class Catalogue:
     offsets: np.ndarray
     items: np.ndarray
     item_text: dict[int, dict[str, str]] | None = None
-    item_codes: dict[int, list[str]] | None = None
     reviews: dict[tuple[int, int], str] | None = None
     content_hash: str = ""
     source_dir: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the dataset in checkpoints and artifact manifests: name, content hash, item count."""
+        return {"name": self.name, "content_hash": self.content_hash, "num_items": self.num_items}
 
     @property
     def num_users(self) -> int:
@@ -125,12 +127,31 @@ def find_lcrec_name(data_dir: str | Path) -> str | None:
     return candidates[0].name[: -len(".inter.json")] if candidates else None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` object hook: a repeated key would silently keep only its last value, so it is an error."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return obj
+
+
 def _read_json(path: Path) -> Any:
+    """Parse an LC-Rec JSON file; malformed JSON and repeated keys are a :class:`DataFormatError` naming the file."""
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found. Check `data.init_args.data_dir` and `data.init_args.dataset`.")
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            return json.load(handle, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise DataFormatError(
+            f'{path}: key "{err.args[0]}" appears more than once in one object, so one of its values would be lost. '
+            "Merge the entries under one key (or re-export the file)."
+        ) from None
     except json.JSONDecodeError as err:
         raise DataFormatError(
             f"{path}: malformed JSON at line {err.lineno}, column {err.colno} ({err.msg}). "
@@ -183,17 +204,6 @@ def _parse_item_text(path: Path, raw: Any) -> dict[int, dict[str, str]]:
     return text
 
 
-def _parse_codes(path: Path, raw: Any) -> dict[int, list[str]]:
-    if not isinstance(raw, dict):
-        raise DataFormatError(f'{path}: expected a JSON object {{"<item_idx>": ["<a_1>", ...]}}.')
-    codes = {}
-    for key, value in raw.items():
-        if not isinstance(value, list) or not all(isinstance(token, str) for token in value):
-            raise DataFormatError(f'{path}: item "{key}" must map to a list of code-token strings like "<a_12>".')
-        codes[_int_key(path, key, "item")] = value
-    return codes
-
-
 def load_lcrec(data_dir: str | Path, name: str, min_length: int = MIN_SEQUENCE_LENGTH) -> Catalogue:
     """Load and validate an LC-Rec-format dataset directory.
 
@@ -208,7 +218,6 @@ def load_lcrec(data_dir: str | Path, name: str, min_length: int = MIN_SEQUENCE_L
     paths = lcrec_paths(data_dir, name)
     user_ids, offsets, items = _parse_interactions(paths["inter"], _read_json(paths["inter"]))
     item_text = _parse_item_text(paths["item"], _read_json(paths["item"])) if paths["item"].is_file() else None
-    item_codes = _parse_codes(paths["index"], _read_json(paths["index"])) if paths["index"].is_file() else None
 
     if item_text is not None:
         num_items = max(item_text) + 1 if item_text else 0
@@ -252,7 +261,6 @@ def load_lcrec(data_dir: str | Path, name: str, min_length: int = MIN_SEQUENCE_L
         offsets=offsets,
         items=items,
         item_text=item_text,
-        item_codes=item_codes,
         reviews=reviews,
         content_hash=sha256_files(hashed),
         source_dir=str(Path(data_dir).resolve()),

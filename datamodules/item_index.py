@@ -2,9 +2,9 @@
 
 Two inputs are accepted:
 
-* a stage-2 export directory (``callbacks.CodeIndexExporter``): ``index.json`` + ``codebook.pt`` +
-  ``manifest.json``. The manifest must name this dataset's content hash, report no collisions, and agree with
-  the tuples on the number of levels ``L`` and codes per level ``K``;
+* a stage-2 ``code_index`` artifact (``callbacks.CodeIndexExporter``): ``index.json``, ``code_vectors.pt``,
+  ``codebook.pt`` and ``manifest.json``, read through :func:`datamodules.artifacts.read_artifact` (file hashes,
+  this dataset's fingerprint, no collisions); the tuples must agree with the manifest's ``L`` and ``K``;
 * a bare LC-Rec ``<Name>.index.json`` (e.g. LC-Rec's own RQ-VAE codes). ``L`` is the tuple length and ``K``
   the largest code + 1.
 
@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from datamodules.artifacts import read_manifest, sha256_file
+from datamodules.artifacts import read_artifact, sha256_file
 from datamodules.catalogue import Catalogue, DataFormatError, _read_json
-from lightning_modules.components.code_index import codes_to_tokens, level_letter, shared_mask, tokens_to_codes
+from datamodules.code_index import INDEX_FILE, KIND, codes_to_tokens, level_letter, shared_mask, tokens_to_codes
+from datamodules.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class ItemIndex:
         codebook_size: codes per quantiser level ``K``.
         source: the directory or file the index was read from.
         index_hash: SHA-256 of the index file (stored with checkpoints and exports).
-        codebook_path: ``codebook.pt`` of a stage-2 export (code vectors for embedding initialisation), else None.
+        code_vectors_path: ``code_vectors.pt`` of a stage-2 artifact (see :meth:`code_vectors`), else None.
         manifest: the stage-2 manifest, else None.
         deduplicated: number of items that got a non-zero code on an appended disambiguation level.
     """
@@ -52,9 +53,30 @@ class ItemIndex:
     codebook_size: int
     source: str
     index_hash: str
-    codebook_path: str | None = None
+    code_vectors_path: str | None = None
     manifest: dict[str, Any] | None = None
     deduplicated: int = 0
+
+    def code_vectors(self) -> torch.Tensor:
+        """``[L, K, dim]`` float32 stage-2 code vectors (code ``k`` of level ``l``), for code-row initialisation.
+
+        Raises:
+            ArtifactError: a bare ``index.json`` (no code vectors), or a file whose shape is not ``[L, K, dim]``.
+        """
+        if self.code_vectors_path is None:
+            raise ArtifactError(
+                f"{self.source} is a bare index without code vectors: point `data.init_args.index` at a stage-2 "
+                "export directory (configs/*/codebook.yaml writes one), or use `code_embedding_init: random`."
+            )
+        vectors = torch.load(self.code_vectors_path, map_location="cpu", weights_only=True)
+        shape = list(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        expected = [self.num_levels, self.codebook_size]
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 3 or shape[:2] != expected:
+            raise ArtifactError(
+                f"{self.code_vectors_path}: expected a [{self.num_levels}, {self.codebook_size}, dim] tensor, got "
+                f"{shape}; rerun stage 2."
+            )
+        return vectors.float()
 
     @property
     def tokens_per_item(self) -> int:
@@ -95,27 +117,23 @@ def _read_index_json(path: Path) -> dict[str, list[str]]:
     return raw
 
 
-def _check_manifest(directory: Path, manifest: dict[str, Any], catalogue: Catalogue) -> tuple[int, int]:
-    """Validate a stage-2 manifest against this catalogue; returns (L, K)."""
-    problems = []
-    if manifest.get("kind", "code_index") != "code_index":
-        problems.append(f"kind is {manifest.get('kind')!r}, not 'code_index'")
-    if manifest.get("content_hash") != catalogue.content_hash:
-        problems.append(
-            f"dataset hash {str(manifest.get('content_hash'))[:12]} (dataset {manifest.get('dataset')!r}) differs from this "
-            f"catalogue's {catalogue.content_hash[:12]} ({catalogue.name!r}): the index was built for other data"
-        )
-    if float(manifest.get("final_collision_rate", 0.0)) != 0.0:
-        problems.append(f"final collision rate is {manifest['final_collision_rate']}, must be 0")
+def _read_export(directory: Path, catalogue: Catalogue) -> tuple[dict[str, Any], int, int, str | None]:
+    """Verify a stage-2 artifact against this catalogue; returns its manifest, ``L``, ``K`` and code-vector file."""
+    fix = (
+        "point `data.init_args.index` at the stage-2 export made from this dataset (configs/*/codebook.yaml), "
+        "or rerun stage 2"
+    )
+    expected = {"dataset": catalogue.fingerprint(), "final_collision_rate": 0.0}
+    artifact = read_artifact(directory, KIND, expected, fix)
+    manifest = artifact.manifest
     for key in ("num_levels", "codebook_size"):
         if not isinstance(manifest.get(key), int) or manifest[key] < 1:
-            problems.append(f"{key} missing or not a positive integer ({manifest.get(key)!r})")
-    if problems:
-        raise DataFormatError(
-            f"{directory / 'manifest.json'}: {'; '.join(problems)}. Point `data.init_args.index` at the stage-2 export "
-            "made from this dataset (configs/*/codebook.yaml), or rerun stage 2."
-        )
-    return manifest["num_levels"], manifest["codebook_size"]
+            raise ArtifactError(
+                f"{directory / 'manifest.json'}: {key} missing or not a positive integer ({manifest.get(key)!r}); "
+                f"{fix}."
+            )
+    vectors = str(artifact.file(manifest["code_vectors"])) if manifest.get("code_vectors") else None
+    return manifest, manifest["num_levels"], manifest["codebook_size"], vectors
 
 
 def _append_disambiguation_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -138,18 +156,17 @@ def load_item_index(path: str | Path | None, catalogue: Catalogue, dedupe_collis
         dedupe_collisions: append a disambiguating level instead of failing on shared tuples (see module docstring).
 
     Raises:
-        DataFormatError: missing/malformed file, manifest mismatch (dataset hash, collisions, L/K), items without
+        ArtifactError: a stage-2 artifact that is incomplete, edited, or written for other data or with collisions.
+        DataFormatError: missing/malformed file, tuples that disagree with the manifest's L/K, items without
             codes, or collisions without ``dedupe_collisions``.
     """
     if path is None:
         path = Path(catalogue.source_dir) / f"{catalogue.name}.index.json"
     path = Path(path)
-    manifest, codebook_path = None, None
+    manifest, vectors_path = None, None
     if path.is_dir():
-        manifest = read_manifest(path)
-        num_levels, codebook_size = _check_manifest(path, manifest, catalogue)
-        index_file = path / "index.json"
-        codebook_path = str(path / "codebook.pt") if (path / "codebook.pt").is_file() else None
+        manifest, num_levels, codebook_size, vectors_path = _read_export(path, catalogue)
+        index_file = path / INDEX_FILE
     else:
         index_file = path
     raw = _read_index_json(index_file)
@@ -197,5 +214,6 @@ def load_item_index(path: str | Path | None, catalogue: Catalogue, dedupe_collis
         )
     return ItemIndex(
         codes=codes, num_levels=num_levels, codebook_size=codebook_size, source=str(path.resolve()),
-        index_hash=sha256_file(index_file), codebook_path=codebook_path, manifest=manifest, deduplicated=deduplicated,
+        index_hash=sha256_file(index_file), code_vectors_path=vectors_path, manifest=manifest,
+        deduplicated=deduplicated,
     )

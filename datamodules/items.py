@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.artifacts import read_manifest, sha256_file
+from datamodules.artifacts import read_artifact, sha256_file
 from datamodules.base import RecDataModule, Source
 from datamodules.catalogue import Catalogue, DataFormatError
 from datamodules.llm_embeddings import compute_llm_embeddings, item_texts
@@ -26,7 +26,8 @@ from datamodules.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_FILES = ("item_embeddings.pt", "item_embeddings.npy")
+KIND = "item_embeddings"
+EMBEDDING_FILE = "item_embeddings.pt"
 
 
 def read_matrix(path: Path) -> torch.Tensor:
@@ -68,35 +69,19 @@ def check_embeddings(matrix: torch.Tensor, rows: int | None, what: str) -> torch
 def load_item_embeddings(source: str | Path, catalogue: Catalogue) -> tuple[torch.Tensor, dict]:
     """Behaviour embeddings ``[num_items, dim]`` of the catalogue from an artifact directory or a bare file.
 
-    A directory must hold ``item_embeddings.pt`` (or ``.npy``) and a ``manifest.json`` whose ``num_items``
-    and dataset hash match the catalogue; a bare ``.pt`` / ``.npy`` file is checked by row count only.
+    A directory must be an ``item_embeddings`` artifact (:func:`datamodules.artifacts.read_artifact`) of this
+    catalogue's dataset; a bare ``.pt`` / ``.npy`` file is checked by row count only.
 
     Returns:
         The matrix and its provenance (path, sha256, manifest) for downstream manifests.
     """
     path = Path(source)
     if path.is_dir():
-        manifest = read_manifest(path)
-        if manifest.get("kind", "item_embeddings") != "item_embeddings":
-            raise DataFormatError(f"{path}: manifest kind is {manifest.get('kind')!r}, not 'item_embeddings'.")
-        mismatches = [
-            f"{key} {manifest[key]!r} != {value!r}"
-            for key, value in (("num_items", catalogue.num_items), ("content_hash", catalogue.content_hash))
-            if key in manifest and manifest[key] != value
-        ]
-        if mismatches:
-            raise DataFormatError(
-                f"{path}: embeddings were exported for another dataset ({'; '.join(mismatches)}; this run uses "
-                f"{catalogue.name}). Export them from a model trained on this dataset."
-            )
-        names = [manifest["file"]] if manifest.get("file") else list(EMBEDDING_FILES)
-        files = [path / name for name in names if (path / name).is_file()]
-        if not files:
-            raise FileNotFoundError(f"{path}: none of {', '.join(names)} found in the embedding artifact; re-export it.")
-        file = files[0]
-        digest = sha256_file(file)
-        if manifest.get("sha256") and digest != manifest["sha256"]:
-            raise DataFormatError(f"{file}: contents do not match the manifest's sha256 (modified after export); re-export it.")
+        artifact = read_artifact(path, KIND, {"dataset": catalogue.fingerprint()}, fix=(
+            f"this run uses {catalogue.name}: export the embeddings from a model trained on this dataset"))
+        manifest = artifact.manifest
+        file = artifact.file(manifest.get("file", EMBEDDING_FILE))
+        digest = manifest["files"][file.name]
     elif path.is_file():
         manifest, file, digest = {}, path, sha256_file(path)
     else:
@@ -131,7 +116,7 @@ class ItemDataModule(RecDataModule):
         source: ``auto``, ``lcrec``, ``amazon_raw`` or ``synthetic``.
         processed_dir: where raw Amazon files are converted to LC-Rec format.
         synthetic: shape of the synthetic dataset (``source: synthetic`` only).
-        max_history: unused by this view; kept so the catalogue and split match the other stages.
+        max_history: unused by this view (it builds no split); accepted so every stage shares one data config.
         batch_size: training batch size (items).
         eval_batch_size: validation/predict batch size.
         num_workers: DataLoader workers.
@@ -147,6 +132,8 @@ class ItemDataModule(RecDataModule):
         cold_start_embeddings: ``[M, dim]`` behaviour embeddings of new items; ``predict`` then codes these
             (item ids ``num_items .. num_items + M - 1``) instead of the catalogue.
     """
+
+    uses_split = False
 
     def __init__(
         self,

@@ -10,18 +10,17 @@ similar): a 7B model is never materialised. Checkpoints without safetensors fall
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import logging
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from datamodules.artifacts import atomic_write, read_manifest, write_manifest
-from datamodules.errors import SemConvError
+from datamodules.artifacts import MANIFEST_NAME, ArtifactWriter, read_artifact
+from datamodules.errors import ArtifactError, SemConvError
+from datamodules.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,7 @@ log = logging.getLogger(__name__)
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 CACHE_FILE = "llm_embeddings.pt"
+KIND = "llm_embeddings"
 
 
 class LLMDirectoryError(SemConvError):
@@ -36,23 +36,9 @@ class LLMDirectoryError(SemConvError):
 
 
 def item_texts(item_text: dict[int, dict[str, str]] | None, num_items: int, fields: list[str]) -> list[str]:
-    """Text of every item (``""`` when it has none): the ``fields`` joined, stringified lists unpacked."""
-    texts = []
-    for item in range(num_items):
-        record = (item_text or {}).get(item) or {}
-        parts = []
-        for field_ in fields:
-            value = str(record.get(field_) or "").strip()
-            if value.startswith("[") and value.endswith("]"):
-                # Amazon 2018 metadata stores descriptions as a Python list literal: "['first', 'second']"
-                try:
-                    value = " ".join(str(part) for part in ast.literal_eval(value)).strip()
-                except (ValueError, SyntaxError):
-                    pass
-            if value:
-                parts.append(value)
-        texts.append(" ".join(parts))
-    return texts
+    """Text of every item (``""`` when it has none): the cleaned ``fields`` joined with a space."""
+    records = item_text or {}
+    return [clean_text([(records.get(item) or {}).get(field_) for field_ in fields]) for item in range(num_items)]
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -153,28 +139,31 @@ def compute_llm_embeddings(
         raise LLMDirectoryError(f"llm_path {path} is not a directory; it must be a local Hugging Face model directory.")
     cache_dir = Path(cache_dir)
     text_hash = hashlib.sha256(json.dumps([texts, max_tokens]).encode()).hexdigest()
-    expected = {"kind": "llm_embeddings", "model_path": str(path.resolve()), "model_files": _fingerprint(path), "text_hash": text_hash}
-    try:
-        manifest = read_manifest(cache_dir)
-        if all(manifest.get(key) == value for key, value in expected.items()):
-            cached = torch.load(cache_dir / CACHE_FILE, weights_only=True)
-            log.info("LLM embeddings: reusing %s (%s)", cache_dir / CACHE_FILE, manifest["embedding_shape"])
+    expected = {"model_path": str(path.resolve()), "model_files": _fingerprint(path), "text_hash": text_hash}
+    if (cache_dir / MANIFEST_NAME).is_file():
+        try:
+            artifact = read_artifact(cache_dir, KIND, expected)
+            cached = torch.load(artifact.file(CACHE_FILE), weights_only=True)
+            log.info("LLM embeddings: reusing %s (%s)", cache_dir / CACHE_FILE, artifact.manifest["embedding_shape"])
             return cached["embeddings"], cached["has_text"]
-        log.info("LLM embeddings: cache at %s is for other inputs; recomputing", cache_dir)
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError):
-        pass  # no cache, or an unreadable one: recompute
+        except ArtifactError as err:
+            log.info("LLM embeddings: the cache is not for these inputs; recomputing (%s)", err)
     tokenizer = load_tokenizer(path)
     weight = load_input_embeddings(path)
     has_text = torch.tensor([bool(text) for text in texts], dtype=torch.bool)
     embeddings = mean_token_embeddings(texts, tokenizer, weight, batch_size, max_tokens)
-    atomic_write(cache_dir / CACHE_FILE, lambda handle: torch.save({"embeddings": embeddings, "has_text": has_text}, handle), mode="wb")
-    write_manifest(cache_dir, {
-        **expected,
-        "tokenizer": type(tokenizer).__name__,
-        "tokenizer_vocab_size": len(tokenizer),
-        "embedding_shape": list(weight.shape),
-        "num_items": len(texts),
-        "items_with_text": int(has_text.sum()),
-    })
+    try:
+        with ArtifactWriter(cache_dir, KIND) as writer:
+            writer.save_torch(CACHE_FILE, {"embeddings": embeddings, "has_text": has_text})
+            writer.commit({
+                **expected,
+                "tokenizer": type(tokenizer).__name__,
+                "tokenizer_vocab_size": len(tokenizer),
+                "embedding_shape": list(weight.shape),
+                "num_items": len(texts),
+                "items_with_text": int(has_text.sum()),
+            })
+    except ArtifactError as err:  # another rank or run is writing the same cache: this run keeps its own result
+        log.warning("LLM embeddings: not cached (%s)", err)
     log.info("LLM embeddings: %d items (%d with text) from %s, cached in %s", len(texts), int(has_text.sum()), path, cache_dir)
     return embeddings, has_text

@@ -9,8 +9,7 @@ to interact with: the wording, not the history, tells them apart from the sequen
 
 from __future__ import annotations
 
-import ast
-import re
+from datamodules.text import clean_text  # noqa: F401 (re-exported: the prompts clean item text with it)
 
 FRAME = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -71,16 +70,3 @@ def frame(instruction: str) -> str:
 def eval_prompt(history: str) -> str:
     """The evaluation prompt: exactly LC-Rec's sequential-recommendation prompt."""
     return frame(SEQUENTIAL[0].format(history=history))
-
-
-def clean_text(text: str) -> str:
-    """Whitespace-normalised item text; LC-Rec's list-literal descriptions (``"['a', 'b']"``) are joined."""
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            parts = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            parts = None
-        if isinstance(parts, list):
-            text = " ".join(str(part) for part in parts)
-    return re.sub(r"\s+", " ", text).strip()

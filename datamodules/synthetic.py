@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.artifacts import read_manifest, write_manifest
+from datamodules.artifacts import manifest_matches, write_manifest
 from datamodules.catalogue import lcrec_paths, write_lcrec
 
 _CATEGORIES = [
@@ -110,13 +110,8 @@ def write_synthetic(out_dir: str | Path, spec: SyntheticSpec, name: str = "Synth
     """Write (or reuse, when the manifest matches) the synthetic dataset in LC-Rec format under ``out_dir``."""
     out_dir = Path(out_dir)
     wanted = {"generator": "semantic-convergence.synthetic/1", "name": name, "spec": asdict(spec)}
-    if (out_dir / "manifest.json").is_file() and lcrec_paths(out_dir, name)["inter"].is_file():
-        try:
-            manifest = read_manifest(out_dir)
-        except ValueError:
-            manifest = {}
-        if all(manifest.get(key) == value for key, value in wanted.items()):
-            return out_dir
+    if lcrec_paths(out_dir, name)["inter"].is_file() and manifest_matches(out_dir, wanted):
+        return out_dir
     sequences, category = generate_sequences(spec)
     item_text = _item_text(spec, category)
     reviews = {

@@ -79,7 +79,7 @@ class IDRecommender(L.LightningModule):
         if catalogue is None:
             raise RuntimeError(f"{type(self).__name__} needs a datamodule with a catalogue (datamodules.RecDataModule).")
         self.num_items = catalogue.num_items
-        self.dataset_fingerprint = {"name": catalogue.name, "content_hash": catalogue.content_hash, "num_items": catalogue.num_items}
+        self.dataset_fingerprint = catalogue.fingerprint()
         self.attach_data(datamodule)
 
     def attach_data(self, datamodule: Any) -> None:

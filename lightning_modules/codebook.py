@@ -37,7 +37,7 @@ from torch import nn
 
 from datamodules.errors import require
 from lightning_modules.base import check_dataset_fingerprint
-from lightning_modules.components.code_index import last_level_costs
+from lightning_modules.components.code_assignment import last_level_costs
 from lightning_modules.components.quantizer import RQVAE, Distance, Quantized, ResidualCodebook, paired_distance
 from lightning_modules.optimizers import adamw
 
@@ -110,7 +110,7 @@ class AlignmentTokenizer(L.LightningModule):
                     "`model.init_args.llm_alignment_weight: 0` (the paper's w/o LA)."
                 )
         self.dims = {"embedding": int(datamodule.item_embeddings.shape[1]), "llm": datamodule.llm_dim if hp.llm_alignment_weight > 0 else 0}
-        self.dataset_fingerprint = {"name": catalogue.name, "content_hash": catalogue.content_hash, "num_items": catalogue.num_items}
+        self.dataset_fingerprint = catalogue.fingerprint()
         self._llm_mean = datamodule.llm_embeddings[datamodule.has_text].mean(0) if self.dims["llm"] else None
         self._input_scale = datamodule.item_embeddings.pow(2).sum(1).mean().rsqrt().clamp(max=1e8)
 
@@ -194,7 +194,7 @@ class AlignmentTokenizer(L.LightningModule):
         return Quantized(cat("codes"), cat("inputs"), cat("chosen"), cat("quantized"), cat("latent"))
 
     def last_level_cost(self, out: Quantized, llm: torch.Tensor | None = None, has_text: torch.Tensor | None = None):
-        """``item indices -> [m, K]`` cost of each last-level code (see :func:`code_index.last_level_costs`)."""
+        """``item indices -> [m, K]`` cost of each last-level code (see :func:`code_assignment.last_level_costs`)."""
         use_llm = self.llm_projection is not None and llm is not None and llm.shape[1] > 0
         return last_level_costs(
             out, self.quantizer.codebooks[-1].detach().cpu(), self.hparams.distance, self.hparams.behaviour_weight,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from datamodules.graph import GraphDataModule
 from lightning_modules.base import IDRecommender
 from lightning_modules.components.dccf import AugmentNorm, DCCFEncoder
 
@@ -87,8 +88,6 @@ class DCCF(IDRecommender):
         self._eval_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach_data(self, datamodule: Any) -> None:
-        from datamodules.graph import GraphDataModule
-
         if not isinstance(datamodule, GraphDataModule):
             raise TypeError(
                 f"DCCF trains on the user-item graph, but the datamodule is {type(datamodule).__name__}. "

@@ -73,7 +73,7 @@ class GenerativeRecommender(L.LightningModule):
         lora_target_modules: module names to adapt (default: every Llama attention and MLP projection).
         full_finetune: train every weight (LC-Rec); exclusive with ``lora``.
         code_embedding_init: ``random`` (HF resizing, the paper's choice), or ``mlp2``/``mlp3``: new input rows from
-            the stage-2 codebook vectors (``codebook.pt`` of the index directory) through a 2-/3-layer MLP, the
+            the stage-2 code vectors (``code_vectors.pt`` of the index artifact) through a 2-/3-layer MLP, the
             paper's Table 7 ablation.
         gradient_checkpointing: recompute activations in the backward pass (long prompts, 7B models).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (GPUs; packed batches need sdpa or eager).
@@ -158,8 +158,8 @@ class GenerativeRecommender(L.LightningModule):
         if getattr(datamodule, "item_index", None) is None or not hasattr(datamodule, "set_tokenizer"):
             raise RuntimeError(f"{type(self).__name__} needs a datamodule with an item index and set_tokenizer() (datamodules.PromptDataModule)")
         catalogue, index = datamodule.catalogue, datamodule.item_index
-        self.dataset_fingerprint = {"name": catalogue.name, "content_hash": catalogue.content_hash,
-                                    "num_items": catalogue.num_items, "index_hash": index.index_hash, "tokens_per_item": index.tokens_per_item}
+        self.dataset_fingerprint = {**catalogue.fingerprint(), "index_hash": index.index_hash,
+                                    "tokens_per_item": index.tokens_per_item}
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -200,12 +200,7 @@ class GenerativeRecommender(L.LightningModule):
 
     def _init_code_embeddings(self, model: nn.Module, index, token_ids: torch.Tensor) -> None:
         """Table 7: new input rows = MLP(code vector) (or an orthogonal map of it), at the original rows' scale."""
-        if index.codebook_path is None:
-            raise ValueError(
-                f"code_embedding_init={self.hparams.code_embedding_init!r} needs the code vectors: point data.init_args.index "
-                "at a stage-2 export directory (with codebook.pt), not a bare index.json"
-            )
-        books = torch.load(index.codebook_path, map_location="cpu", weights_only=True)["quantizer_state"]["codebooks"].float()
+        books = index.code_vectors()  # [L, K, dim]; a bare index.json has none and says so
         levels, size, dim = books.shape
         weight = model.get_input_embeddings().weight
         width = model.get_input_embeddings().embedding_dim  # weight.shape is (0,) under ZeRO-3 sharding

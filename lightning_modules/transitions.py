@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from datamodules.item_index import load_item_index
 from lightning_modules.base import CountingRecommender
 
 
@@ -56,8 +57,6 @@ class TransitionCounts(CountingRecommender):
         popularity = np.bincount(items, minlength=catalogue.num_items).astype(np.float64)
         group, share = np.arange(catalogue.num_items), np.ones(catalogue.num_items)
         if self.hparams.index is not None:
-            from datamodules.item_index import load_item_index  # deferred: datamodules imports lightning_modules
-
             # prefixes shorter than a tuple are unaffected by collisions, so a colliding index (LC-Rec's) is fine here
             codes = load_item_index(self.hparams.index, catalogue, dedupe_collisions=True).codes
             if self.hparams.code_depth > codes.shape[1]:

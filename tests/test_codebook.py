@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -12,14 +13,15 @@ import pytest
 import torch
 
 from callbacks import CodeIndexExporter, CollisionLogger, KMeansInit, assign_codes, load_code_index
-from datamodules import ItemDataModule, load_lcrec
-from datamodules.artifacts import sha256_file
+from datamodules import ItemDataModule, load_item_index, load_lcrec
+from datamodules.artifacts import ArtifactWriter
 from datamodules.catalogue import DataFormatError
+from datamodules.code_index import codes_to_tokens, collision_rate, level_statistics, tokens_to_codes
+from datamodules.errors import ArtifactError
 from datamodules.llm_embeddings import LLMDirectoryError
 from lightning_modules import AlignmentTokenizer
 from lightning_modules.cli import main
-from lightning_modules.components import code_index
-from lightning_modules.components.code_index import collision_rate, level_statistics, make_unique, tokens_to_codes
+from lightning_modules.components.code_assignment import make_unique
 from lightning_modules.components.quantizer import ResidualCodebook, kmeans
 from tests.conftest import shared_dataset, shared_tokenizer, tiny_run_args
 
@@ -88,7 +90,7 @@ def _heavy(n: int, levels: int, prefixes: int, last: int, k: int, seed: int = 0)
     return codes, lambda items: cost[items], cost
 
 
-def test_resolution_makes_heavy_collisions_unique(monkeypatch):
+def test_resolution_makes_heavy_collisions_unique():
     codes, last_cost, cost = _heavy(n=60, levels=3, prefixes=2, last=3, k=16)  # 12 tuples for 60 items
     assert collision_rate(codes) > 0.8
     result = make_unique(codes, last_cost, codebook_size=16)
@@ -102,19 +104,31 @@ def test_resolution_makes_heavy_collisions_unique(monkeypatch):
         own = cost[members, codes[members, -1]]
         assert kept.tolist() == [members[own.argmin()].item()]
     assert torch.equal(make_unique(codes, last_cost, 16).codes, result.codes)  # deterministic
-    # greedy fallback without scipy: also unique, and never cheaper than the Hungarian assignment
-    monkeypatch.setitem(__import__("sys").modules, "scipy.optimize", None)
-    greedy = make_unique(codes, last_cost, 16)
-    assert collision_rate(greedy.codes) == 0
-    total = lambda c: float(cost[torch.arange(60), c[:, -1]].sum())
-    assert total(result.codes) <= total(greedy.codes) + 1e-6
+
+
+def test_reassignment_is_the_minimum_cost_assignment():
+    # hand case: items 0-2 share (0, 0); item 0 keeps it (own cost 0); free codes 1, 2 for movers 1, 2.
+    # Cheapest-pair-first would give mover 2 code 1 (0.5) and mover 1 code 2 (10): 10.5; the optimum is 1 + 2 = 3.
+    cost = torch.tensor([[0.0, 1.0, 2.0], [5.0, 1.0, 10.0], [5.0, 0.5, 2.0]])
+    result = make_unique(torch.zeros(3, 2, dtype=torch.long), lambda items: cost[items], codebook_size=3)
+    assert result.codes.tolist() == [[0, 0], [0, 1], [0, 2]] and result.reassigned == 2
+    # brute force: 5 items on (0, 0), item 5 holds (0, 1); the 4 movers take 4 of the free codes 2..6
+    cost = torch.rand(6, 7, generator=torch.Generator().manual_seed(3))
+    codes = torch.tensor([[0, 0]] * 5 + [[0, 1]])
+    result = make_unique(codes, lambda items: cost[items], codebook_size=7)
+    keeper = int(cost[:5, 0].argmin())
+    movers = [item for item in range(5) if item != keeper]
+    assignments = itertools.permutations(range(2, 7), 4)
+    best = min(sum(float(cost[m, c]) for m, c in zip(movers, chosen)) for chosen in assignments)
+    assert result.codes[keeper].tolist() == [0, 0] and result.codes[5].tolist() == [0, 1]
+    assert sum(float(cost[m, result.codes[m, 1]]) for m in movers) == pytest.approx(best)
 
 
 def test_full_prefix_falls_back_to_an_extra_level():
     codes, last_cost, _ = _heavy(n=40, levels=2, prefixes=1, last=2, k=16)  # one prefix, 16 slots, 40 items
     result = make_unique(codes, last_cost, codebook_size=16)
     assert result.codes.shape == (40, 3) and collision_rate(result.codes) == 0 and result.extra_level == 24
-    assert code_index.codes_to_tokens(result.codes)[0][2].startswith("<c_")
+    assert codes_to_tokens(result.codes)[0][2].startswith("<c_")
 
 
 # -------------------------------------------------------------------------------------- k-means callback
@@ -165,7 +179,8 @@ def test_cli_export_round_trip_and_cold_start(synthetic_dir, item_embeddings, tm
     main(["fit", *tiny_run_args("synthetic/codebook.yaml", synthetic_dir, root, *common, "--trainer.max_epochs=2")])
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["kind"] == "code_index" and manifest["num_levels"] == 3 and manifest["codebook_size"] == 8
-    assert manifest["raw_collision_rate"] > 0 and manifest["final_collision_rate"] == 0 and manifest["dataset"] == "Synthetic"
+    assert manifest["raw_collision_rate"] > 0 and manifest["final_collision_rate"] == 0
+    assert manifest["dataset"]["name"] == "Synthetic"
     index = json.loads((export / "index.json").read_text())
     assert sorted(map(int, index)) == list(range(120))
     assert all(re.fullmatch(r"<a_\d+>", tokens[0]) and re.fullmatch(r"<c_\d+>", tokens[2]) for tokens in index.values())
@@ -177,7 +192,11 @@ def test_cli_export_round_trip_and_cold_start(synthetic_dir, item_embeddings, tm
     lcrec = tmp_path / "lcrec"
     shutil.copytree(synthetic_dir, lcrec, ignore=shutil.ignore_patterns("*.index.json"))
     shutil.copy(export / "index.json", lcrec / "Synthetic.index.json")
-    assert load_lcrec(lcrec, "Synthetic").item_codes == {int(item): tokens for item, tokens in index.items()}
+    assert load_item_index(None, load_lcrec(lcrec, "Synthetic")).tokens() == [index[str(item)] for item in range(120)]
+    # stage 3 reads the code vectors from the artifact's declared file, the [L, K, dim] codebooks
+    vectors = load_item_index(export, load_lcrec(synthetic_dir, "Synthetic")).code_vectors()
+    state = torch.load(export / "codebook.pt", weights_only=True)["quantizer_state"]
+    assert manifest["code_vectors"] == "code_vectors.pt" and torch.equal(vectors, state["codebooks"])
 
     # cold start (API): 10 exact copies of indexed items (their raw tuples are taken) + 5 new vectors
     catalogue = torch.load(item_embeddings)
@@ -213,16 +232,17 @@ def test_bad_embeddings_are_refused(synthetic_dir, tmp_path):
         _datamodule(synthetic_dir, tmp_path / "missing.pt").setup("fit")
     # an ItemEmbeddingExporter directory: accepted for this dataset, refused for another
     artifact = tmp_path / "artifact"
-    artifact.mkdir()
-    torch.save(torch.randn(120, 32), artifact / "item_embeddings.pt")
-    manifest = {"kind": "item_embeddings", "dataset": "Synthetic", "content_hash": load_lcrec(synthetic_dir, "Synthetic").content_hash,
-                "num_items": 120, "dim": 32, "file": "item_embeddings.pt", "sha256": sha256_file(artifact / "item_embeddings.pt")}
-    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    with ArtifactWriter(artifact, "item_embeddings") as writer:
+        writer.save_torch("item_embeddings.pt", torch.randn(120, 32))
+        manifest = writer.commit({"dataset": load_lcrec(synthetic_dir, "Synthetic").fingerprint(), "num_items": 120,
+                                  "dim": 32, "file": "item_embeddings.pt"})
     datamodule = _datamodule(synthetic_dir, artifact)
     datamodule.setup("fit")
     assert datamodule.item_embeddings.shape == (120, 32) and datamodule.embedding_source["manifest"]["dim"] == 32
-    (artifact / "manifest.json").write_text(json.dumps({**manifest, "content_hash": "other"}))
-    with pytest.raises(DataFormatError, match="exported for another dataset"):
+    assert datamodule.split is None  # the items view needs no leave-last-out split
+    other = {**manifest, "dataset": {**manifest["dataset"], "content_hash": "other"}}
+    (artifact / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(ArtifactError, match=r"does not match this run \(dataset: .*'other'"):
         _datamodule(synthetic_dir, artifact).setup("fit")
 
 

@@ -15,8 +15,9 @@ import yaml
 
 from callbacks import ItemEmbeddingExporter
 from datamodules import GraphDataModule, SequenceDataModule, load_item_embeddings
-from datamodules.artifacts import write_manifest
+from datamodules.artifacts import ArtifactWriter
 from datamodules.catalogue import load_lcrec
+from datamodules.errors import ArtifactError
 from datamodules.graph import normalized_adjacency
 from datamodules.negatives import sample_negatives
 from lightning_modules import DCCF
@@ -209,28 +210,28 @@ def test_fit_test_and_export_round_trip(synthetic_dir, tmp_path):
     manifest = provenance["manifest"]
     assert embeddings.shape == (catalogue.num_items, 32) and embeddings.dtype == torch.float32
     assert torch.isfinite(embeddings).all()
-    assert manifest["kind"] == "item_embeddings" and manifest["dataset"] == "Synthetic"
-    assert manifest["content_hash"] == catalogue.content_hash and manifest["dim"] == 32
+    assert manifest["kind"] == "item_embeddings" and manifest["dataset"] == catalogue.fingerprint()
+    assert manifest["dim"] == 32 and set(manifest["files"]) == {"item_embeddings.pt"}
     assert manifest["model_class"] == "lightning_modules.dccf.DCCF" and manifest["model_hparams"]["num_intents"] == 128
     assert manifest["datamodule_hparams"]["num_negatives"] == 1
     assert manifest["checkpoint"].endswith(".ckpt") and manifest["monitor"] == "val/ndcg@10"
     assert math.isclose(manifest["val_metrics"]["ndcg@10"], manifest["best_score"], rel_tol=1e-6)
-    with pytest.raises(ValueError, match="num_items 120 != 121"):
+    with pytest.raises(ArtifactError, match=r"does not match this run \(dataset: .*'num_items': 120.*'num_items': 121"):
         load_item_embeddings(out, dataclasses.replace(catalogue, num_items=catalogue.num_items + 1))
 
 
 def test_export_refuses_another_datasets_artifact(synthetic_dir, tmp_path):
     out = tmp_path / "embeddings"
-    write_manifest(out, {"kind": "item_embeddings", "dataset": "Games", "content_hash": "f00d" * 16, "num_items": 3, "dim": 2})
+    _artifact(out, {"name": "Games", "content_hash": "f00d" * 16, "num_items": 3})
     args = tiny_run_args("synthetic/dccf.yaml", synthetic_dir, tmp_path / "run", "--trainer.fast_dev_run=1")
-    with pytest.raises(ValueError, match=r"dataset Games .* trains on Synthetic .*overwrite_other_dataset"):
+    with pytest.raises(ArtifactError, match=r"'Games'.* trains on Synthetic.*overwrite_other_dataset"):
         main(["fit", *args, *_exporter_override(tmp_path, out)])
-    assert not (out / "item_embeddings.pt").exists()
+    assert json.loads((out / "manifest.json").read_text())["dataset"]["name"] == "Games"  # untouched
     # the flag lifts the guard; fast_dev_run saves no checkpoint, so the current weights are exported
     main(["fit", *args, *_exporter_override(tmp_path, out, overwrite_other_dataset=True)])
     embeddings, provenance = load_item_embeddings(out, load_lcrec(synthetic_dir, "Synthetic"))
     manifest = provenance["manifest"]
-    assert manifest["dataset"] == "Synthetic" and manifest["checkpoint"] is None and embeddings.shape[0] == 120
+    assert manifest["dataset"]["name"] == "Synthetic" and manifest["checkpoint"] is None and embeddings.shape[0] == 120
 
 
 def test_exporter_works_for_sasrec(synthetic_dir, tmp_path):
@@ -242,8 +243,39 @@ def test_exporter_works_for_sasrec(synthetic_dir, tmp_path):
     assert embeddings.shape == (120, 64) and manifest["model_class"] == "lightning_modules.sasrec.SASRec"
 
 
+def _artifact(directory, fingerprint):
+    """An item-embeddings artifact of 3 items written for ``fingerprint``."""
+    with ArtifactWriter(directory, "item_embeddings") as writer:
+        writer.save_torch("item_embeddings.pt", torch.zeros(3, 2))
+        writer.commit({"dataset": fingerprint, "num_items": 3, "dim": 2, "file": "item_embeddings.pt"})
+
+
 def test_exporter_check_is_a_no_op_for_the_same_dataset(tmp_path):
-    write_manifest(tmp_path, {"kind": "item_embeddings", "dataset": "Synthetic", "content_hash": "ab" * 32})
-    ItemEmbeddingExporter(str(tmp_path)).check_target("Synthetic", "ab" * 32)
-    with pytest.raises(ValueError, match="overwrite_other_dataset"):
-        ItemEmbeddingExporter(str(tmp_path)).check_target("Synthetic", "cd" * 32)
+    fingerprint = {"name": "Synthetic", "content_hash": "ab" * 32, "num_items": 3}
+    _artifact(tmp_path / "out", fingerprint)
+    ItemEmbeddingExporter(str(tmp_path / "out")).check_target(fingerprint)
+    with pytest.raises(ArtifactError, match="overwrite_other_dataset"):
+        ItemEmbeddingExporter(str(tmp_path / "out")).check_target({**fingerprint, "content_hash": "cd" * 32})
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_exporter_keeps_the_old_artifact_when_the_export_crashes(synthetic_dir, tmp_path, monkeypatch):
+    out = tmp_path / "embeddings"
+    args = tiny_run_args("synthetic/dccf.yaml", synthetic_dir, tmp_path / "run", "--trainer.fast_dev_run=1")
+    main(["fit", *args, *_exporter_override(tmp_path, out)])
+    catalogue = load_lcrec(synthetic_dir, "Synthetic")
+    before, provenance = load_item_embeddings(out, catalogue)
+
+    def crash(*args, **kwargs):
+        raise _Crash("killed during the export")
+
+    monkeypatch.setattr("datamodules.artifacts.ArtifactWriter.commit", crash)  # the tensor is staged, then the crash
+    with pytest.raises(_Crash):
+        main(["fit", *args, *_exporter_override(tmp_path, out)])
+    after, again = load_item_embeddings(out, catalogue)  # the previous artifact, whole and verified
+    assert torch.equal(after, before) and again["manifest"] == provenance["manifest"]
+    leftovers = sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".embeddings"))
+    assert leftovers == [".embeddings.lock"]  # no staging or old directory left behind

@@ -13,7 +13,9 @@ import yaml
 
 from callbacks import load_exported_llm
 from datamodules import PromptDataModule, TaskWeights, load_item_index, load_lcrec, write_lcrec
+from datamodules.artifacts import ArtifactWriter
 from datamodules.catalogue import DataFormatError
+from datamodules.errors import ArtifactError
 from datamodules.negatives import interaction_keys, sample_negatives
 from datamodules.prompt_tasks import NEGATIVE_TASK, SEQUENTIAL_TASK, TASKS, TEXT_TASK, PromptTasks
 from datamodules.prompt_templates import NEGATIVE, SEQUENTIAL
@@ -44,13 +46,13 @@ def write_index(path: Path, codes: np.ndarray) -> Path:
 
 
 def write_export(directory: Path, catalogue, codes: np.ndarray | None = None, **manifest) -> Path:
-    """A stage-2-style export directory (index.json, codebook.pt, manifest.json)."""
+    """A stage-2-style code_index artifact (index.json, code_vectors.pt, manifest.json)."""
     codes = synthetic_codes(catalogue.num_items) if codes is None else codes
-    write_index(directory / "index.json", codes)
-    torch.save({"quantizer_state": {"codebooks": torch.randn(3, 8, 16)}}, directory / "codebook.pt")
-    base = {"kind": "code_index", "dataset": catalogue.name, "content_hash": catalogue.content_hash, "num_levels": 3,
-            "codebook_size": 8, "tokens_per_item": 3, "final_collision_rate": 0.0}
-    (directory / "manifest.json").write_text(json.dumps({**base, **manifest}))
+    with ArtifactWriter(directory, "code_index") as writer:
+        write_index(writer.path("index.json"), codes)
+        writer.save_torch("code_vectors.pt", torch.randn(3, 8, 16))
+        writer.commit({"dataset": catalogue.fingerprint(), "num_levels": 3, "codebook_size": 8, "tokens_per_item": 3,
+                       "final_collision_rate": 0.0, "code_vectors": "code_vectors.pt", **manifest})
     return directory
 
 
@@ -82,16 +84,16 @@ def prompt_dm(synthetic_dir, tmp_path_factory) -> PromptDataModule:
 def test_export_directory_is_checked_against_the_catalogue(synthetic_dir, tmp_path):
     catalogue = load_lcrec(synthetic_dir, "Synthetic")
     index = load_item_index(write_export(tmp_path / "ok", catalogue), catalogue)
-    assert (index.num_levels, index.codebook_size, index.tokens_per_item) == (3, 8, 3) and index.codebook_path
+    assert (index.num_levels, index.codebook_size, index.tokens_per_item) == (3, 8, 3) and index.code_vectors_path
     assert len(index.vocabulary()) == 24 and index.vocabulary()[:2] == ["<a_0>", "<a_1>"]
     cases = {
-        "dataset hash": {"content_hash": "0" * 64},
-        "collision rate": {"final_collision_rate": 0.02},
+        "content_hash": {"dataset": {**catalogue.fingerprint(), "content_hash": "0" * 64}},
+        "final_collision_rate": {"final_collision_rate": 0.02},
         "num_levels=4": {"num_levels": 4, "tokens_per_item": 4},  # L mismatch
         "codebook_size=4": {"codebook_size": 4},  # K mismatch: codes reach 7
     }
     for message, manifest in cases.items():
-        with pytest.raises(DataFormatError, match=message):
+        with pytest.raises((DataFormatError, ArtifactError), match=message):
             load_item_index(write_export(tmp_path / message, catalogue, **manifest), catalogue)
     with pytest.raises(DataFormatError, match="codes for 119 items"):
         load_item_index(write_index(tmp_path / "short.json", synthetic_codes(119)), catalogue)
@@ -325,7 +327,7 @@ def test_mlp_code_embedding_init(synthetic_dir, tmp_path):
         rows.append(after[32000:].clone())
     assert not torch.allclose(rows[0], rows[1])
     bare = load_item_index(tmp_path / "export" / "index.json", catalogue)
-    with pytest.raises(ValueError, match="codebook.pt"):
+    with pytest.raises(ArtifactError, match="bare index without code vectors"):
         module._init_code_embeddings(model, bare, table)
 
 
@@ -429,7 +431,7 @@ def test_fit_and_test_on_a_stage2_export(synthetic_dir, tmp_path):
     assert beam["users"] == beam["dataset_size"] == 8 and set(beam["metrics"]) == set(record["metrics"])
     manifest = json.loads((export / "manifest.json").read_text())
     stage2 = json.loads((codebook / "manifest.json").read_text())
-    assert manifest["content_hash"] == stage2["content_hash"] and manifest["num_levels"] == 3 and manifest["codebook_size"] == 8
+    assert manifest["dataset"] == stage2["dataset"] and manifest["num_levels"] == 3 and manifest["codebook_size"] == 8
     assert manifest["weights"] == "model" and manifest["pad_token_added"] and manifest["llama_config"]["hidden_size"] == 64
     assert json.loads((export / "index.json").read_text()) == json.loads((codebook / "index.json").read_text())
     model, tokenizer, _ = load_exported_llm(export)

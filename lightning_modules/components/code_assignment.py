@@ -1,89 +1,33 @@
-"""Code tuples: LC-Rec token strings, collision statistics and deterministic collision resolution.
+"""Deterministic collision resolution of code tuples (the model side of the code index).
 
-An item's index is its tuple of codes, written as LC-Rec tokens ``["<a_12>", "<b_3>", "<c_200>", "<d_7>"]``
-(one letter per level). Two items with the same tuple would be the same token sequence for the LLM, so the
-exported index must be collision-free; :func:`make_unique` resolves raw collisions with the smallest change:
+Two items with the same tuple would be the same token sequence for the LLM, so the exported index must be
+collision-free; :func:`make_unique` resolves raw collisions with the smallest change:
 
 1. in each group of items sharing a tuple, the item closest to its own last-level code keeps the tuple (ties:
    lowest item id); tuples already held by a ``fixed`` item (an existing index being extended) keep none;
 2. the other items of the group keep their first ``L-1`` codes (the prefix) and get the *free* last-level
-   codes of that prefix by a balanced assignment minimising the summed cost (Hungarian via
-   ``scipy.optimize.linear_sum_assignment``; greedy by cost, then item, then code, without scipy);
+   codes of that prefix by a balanced assignment minimising the summed cost (the Hungarian method,
+   ``scipy.optimize.linear_sum_assignment``);
 3. only when a prefix has no free last-level code left, the remaining items get an extra level (the next
    letter, numbered 1, 2, ... within the tuple; every other item gets 0), so all tuples keep the same length.
    When extending an existing index that has no extra level (cold start), existing tokens must not change,
    so such items instead re-choose their last *two* codes jointly among the free pairs (``pair_cost``).
+
+The token format of the tuples (``<a_12>``, collision masks and rates) is data: :mod:`datamodules.code_index`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
+from datamodules.code_index import collision_rate, shared_mask
 from lightning_modules.components.quantizer import Quantized, pairwise_distance
-
-TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
-
-
-def level_letter(level: int) -> str:
-    if not 0 <= level < 26:
-        raise ValueError(f"level {level} has no token letter (at most 26 levels)")
-    return chr(ord("a") + level)
-
-
-def codes_to_tokens(codes: torch.Tensor) -> list[list[str]]:
-    """``[N, T]`` codes -> LC-Rec token lists (``<a_i>``, ``<b_j>``, ...)."""
-    letters = [level_letter(level) for level in range(codes.shape[1])]
-    return [[f"<{letters[level]}_{code}>" for level, code in enumerate(row)] for row in codes.tolist()]
-
-
-def tokens_to_codes(index: dict[str, list[str]] | dict[int, list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parse an LC-Rec index (``{"item": ["<a_1>", ...]}``) into sorted item ids ``[N]`` and codes ``[N, T]``."""
-    items = sorted(int(key) for key in index)
-    rows = []
-    for item in items:
-        tokens = index[str(item)] if str(item) in index else index[item]
-        row = []
-        for level, token in enumerate(tokens):
-            match = TOKEN.match(token)
-            if match is None or match.group(1) != level_letter(level):
-                raise ValueError(f"item {item}: token {token!r} at level {level} is not <{level_letter(level)}_N>")
-            row.append(int(match.group(2)))
-        rows.append(row)
-    lengths = {len(row) for row in rows}
-    if len(lengths) > 1:
-        raise ValueError(f"index tuples have different lengths {sorted(lengths)}; expected one length")
-    return torch.tensor(items, dtype=torch.long), torch.tensor(rows, dtype=torch.long).reshape(len(items), -1)
-
-
-def shared_mask(codes: torch.Tensor) -> torch.Tensor:
-    """``[N]`` True for items whose full tuple is shared with another item."""
-    if codes.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool)
-    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
-    return counts[inverse] > 1
-
-
-def collision_rate(codes: torch.Tensor) -> float:
-    """Share of items whose full code tuple is shared with at least one other item."""
-    return float(shared_mask(codes).float().mean()) if codes.shape[0] else 0.0
-
-
-def level_statistics(codes: torch.Tensor, codebook_size: int) -> list[dict[str, float]]:
-    """Per level: share of codes used, perplexity ``exp(entropy)`` of the code distribution, dead codes."""
-    stats = []
-    for level in range(codes.shape[1]):
-        counts = torch.bincount(codes[:, level], minlength=codebook_size).double()
-        p = counts / counts.sum().clamp_min(1)
-        entropy = -(p[p > 0] * p[p > 0].log()).sum()
-        used = int((counts > 0).sum())
-        stats.append({"usage": used / codebook_size, "perplexity": float(entropy.exp()), "dead_codes": codebook_size - used})
-    return stats
 
 
 @dataclass
@@ -95,24 +39,6 @@ class Resolution:
     final_collision_rate: float
     reassigned: int
     extra_level: int
-
-
-def _assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced assignment of rows to columns (at most one each) minimising the summed cost."""
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError:  # greedy: cheapest pair first, ties by row then column
-        order = np.lexsort((np.tile(np.arange(cost.shape[1]), cost.shape[0]), np.repeat(np.arange(cost.shape[0]), cost.shape[1]), cost.ravel()))
-        rows_taken, cols_taken, pairs = set(), set(), []
-        for flat in order:
-            row, col = divmod(int(flat), cost.shape[1])
-            if row not in rows_taken and col not in cols_taken:
-                rows_taken.add(row)
-                cols_taken.add(col)
-                pairs.append((row, col))
-        pairs.sort()
-        return np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64)
-    return linear_sum_assignment(cost)
 
 
 def _group_ids(codes: torch.Tensor) -> torch.Tensor:
@@ -180,7 +106,9 @@ def make_unique(
         for group in range(len(mover_prefixes)):  # a loop over collision groups, not over the catalogue
             members = torch.nonzero(mover_group == group).flatten().numpy()
             free = torch.nonzero(~used[group]).flatten().numpy()
-            rows, cols = _assign(cost[np.ix_(members, free)]) if len(free) else (np.zeros(0, int), np.zeros(0, int))
+            rows, cols = np.zeros(0, int), np.zeros(0, int)
+            if len(free):
+                rows, cols = linear_sum_assignment(cost[np.ix_(members, free)])
             codes[movers[members[rows]], -1] = torch.from_numpy(free[cols]).long()
             overflow.extend(movers[np.setdiff1d(members, members[rows])].tolist())
     if overflow and fixed.any() and fixed_extra is None and pair_cost is not None and num_levels >= 2:
