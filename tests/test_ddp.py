@@ -23,7 +23,6 @@ from tests.conftest import CONFIGS, REPO, tiny_run_args
 TIMEOUT_S = 180
 DDP = ("--config", str(CONFIGS / "strategy" / "ddp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2")
 SINGLE = ("--trainer.accelerator=cpu", "--trainer.devices=1")
-NEEDS_WP_A = pytest.mark.xfail(reason="needs WP-A exporter fix (rank-zero export reads trainer.log_dir)", strict=False)
 
 
 def cli(subcommand: str, args: list[str], cwd: Path) -> None:
@@ -98,7 +97,6 @@ def exporter_override(tmp_path: Path, class_path: str, output_dir: Path) -> list
     return ["--config", str(override)]
 
 
-@NEEDS_WP_A
 def test_dccf_ddp_exports_and_matches_single_process(synthetic_dir, tmp_path):
     export = tmp_path / "embeddings"
     two, one = fit_ddp_then_test_single(
@@ -115,7 +113,6 @@ def test_dccf_ddp_exports_and_matches_single_process(synthetic_dir, tmp_path):
     assert torch.load(export / manifest["file"]).shape == (120, 32)
 
 
-@NEEDS_WP_A
 def test_codebook_ddp_exports_and_its_validation_matches_single_process(synthetic_dir, tmp_path):
     """The collision statistics gather every item's codes: 2 processes see the catalogue 1 process sees (the
     validation losses are each rank's own mean, not synced, so they are not compared)."""
