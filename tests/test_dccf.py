@@ -220,12 +220,16 @@ def test_fit_test_and_export_round_trip(synthetic_dir, tmp_path):
         load_item_embeddings(out, dataclasses.replace(catalogue, num_items=catalogue.num_items + 1))
 
 
-def test_export_refuses_another_datasets_artifact(synthetic_dir, tmp_path):
+def test_export_refuses_another_datasets_artifact(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "embeddings"
     _artifact(out, {"name": "Games", "content_hash": "f00d" * 16, "num_items": 3})
     args = tiny_run_args("synthetic/dccf.yaml", synthetic_dir, tmp_path / "run", "--trainer.fast_dev_run=1")
     with pytest.raises(ArtifactError, match=r"'Games'.* trains on Synthetic.*overwrite_other_dataset"):
+        main(["fit", "--debug", *args, *_exporter_override(tmp_path, out)])
+    with pytest.raises(SystemExit) as exit_info:  # without --debug: one message, no traceback
         main(["fit", *args, *_exporter_override(tmp_path, out)])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "overwrite_other_dataset" in stderr and "Traceback" not in stderr
     assert json.loads((out / "manifest.json").read_text())["dataset"]["name"] == "Games"  # untouched
     # the flag lifts the guard; fast_dev_run saves no checkpoint, so the current weights are exported
     main(["fit", *args, *_exporter_override(tmp_path, out, overwrite_other_dataset=True)])
