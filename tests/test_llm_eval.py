@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from datamodules import PromptDataModule
+from datamodules import PromptDataModule, load_lcrec
 from lightning_modules import GenerativeRecommender
 from lightning_modules.cli import main
 from tests.conftest import tiny_run_args
@@ -119,8 +119,13 @@ def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synth
     )
     served = lines(tmp_path / "predict" / "csv" / "version_0" / "top_k.rank0.jsonl")
     assert len(final) == 6 and [line["items"] for line in again] == [line["items"] for line in final]
-    assert [line["items"] for line in served] == [line["items"] for line in final]
-    assert [line["scores"] for line in served] == [line["scores"] for line in final] and len(final[0]["items"]) == 20
+    assert [line["scores"] for line in again] == [line["scores"] for line in final] and len(final[0]["items"]) == 20
+    # predict serves every user from the whole sequence (the test target included), not the evaluation history
+    users = load_lcrec(synthetic_dir, "Synthetic").num_users
+    assert len(served) == users and len({line["user"] for line in served}) == users
+    for line in served:
+        assert len(line["items"]) == len(set(line["items"])) == 20
+        assert all(a >= b for a, b in zip(line["scores"], line["scores"][1:], strict=False))
     tested = json.loads((tmp_path / "test" / "csv" / "version_0" / "test_metrics.json").read_text())["metrics"]
     assert tested == json.loads((fitted / "test_metrics.json").read_text())["metrics"]
 
