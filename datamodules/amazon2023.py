@@ -49,6 +49,15 @@ _HINT = "Download <Category>.jsonl.gz and meta_<Category>.jsonl.gz from the Amaz
 _FIX_LINE = "Fix or delete that line (each line must be one JSON object), or re-download the file."
 #: Required review fields and their SQL types; ``timestamp`` is milliseconds since the epoch.
 REVIEW_COLUMNS = {"user_id": "VARCHAR", "parent_asin": "VARCHAR", "timestamp": "BIGINT"}
+#: Python's ``\s`` (= ``str.isspace``) as an RE2 class: RE2's own ``\s`` is ASCII only.
+_SPACE_CLASS = "[" + "".join(f"\\x{{{c:x}}}" for c in range(0x3001) if chr(c).isspace()) + "]"
+#: :func:`clean_text` in SQL: text without ``&`` or ``<`` only needs whitespace collapsed (no entity, no tag), the
+#: rest goes through Python (``py_clean``, registered per connection).
+_CLEAN_MACRO = f"""
+    CREATE TEMP MACRO clean(s) AS CASE
+        WHEN s IS NULL THEN ''
+        WHEN contains(s, '&') OR contains(s, '<') THEN py_clean(s)
+        ELSE trim(regexp_replace(s, '{_SPACE_CLASS}+', ' ', 'g'), ' ') END"""
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -175,11 +184,10 @@ def _load(con: duckdb.DuckDBPyConnection, raw: RawFiles) -> None:
     _scan(con, f"CREATE TEMP TABLE mm AS {_reader(raw.meta, {**meta_keys, 'title': 'VARCHAR'})}", raw.meta, meta_keys)
     _check_required(con, "mm", raw.meta, meta_keys)
     # the title test is the 2018 converter's: non-empty after HTML unescaping, tag removal and stripping
-    con.create_function("has_text", lambda value: bool(clean_text(value)), ["VARCHAR"], "BOOLEAN")
     con.execute("""
         CREATE TEMP TABLE m AS
         SELECT parent_asin, min(rec) AS mrec FROM mm
-        WHERE parent_asin IN (SELECT DISTINCT parent_asin FROM r) AND title IS NOT NULL AND has_text(title)
+        WHERE parent_asin IN (SELECT DISTINCT parent_asin FROM r) AND clean(title) <> ''
         GROUP BY parent_asin""")
     con.execute("DROP TABLE mm")
 
@@ -251,25 +259,36 @@ def _item_text(con: duckdb.DuckDBPyConnection, meta: Path) -> dict[int, dict[str
     return text
 
 
-def _review_text(title: str | None, body: str | None) -> str:
-    """The 2018 converter's rule, with the 2023 review ``title`` in the place of the 2018 ``summary``."""
-    title, body = clean_text(title), clean_text(body)
-    if title and body:
-        return f"{title} {body}" if title[-1] in ".!?" else f"{title}. {body}"
-    return title or body
-
-
 def _reviews(con: duckdb.DuckDBPyConnection, path: Path, batch: int = 100_000) -> dict[int, dict[int, str]]:
-    """Cleaned review text of the kept interactions, streamed in batches (the second pass over the reviews)."""
+    """Cleaned review text of the kept interactions, streamed in batches (the second pass over the reviews).
+
+    The 2018 converter's rule, with the 2023 review ``title`` in the place of the 2018 ``summary``: both cleaned,
+    joined by ". " (by " " when the title ends in ".", "!" or "?"); reviews with neither are left out.
+    """
     con.execute(f"""
-        SELECT k.uid, k.iid, t.title, t.text FROM ({_reader(path, {'title': 'VARCHAR', 'text': 'VARCHAR'})}) t
-        JOIN kept k USING (rec) ORDER BY k.uid, k.iid""")
+        SELECT uid, iid, CASE WHEN title = '' OR body = '' THEN title || body
+                              WHEN right(title, 1) IN ('.', '!', '?') THEN title || ' ' || body
+                              ELSE title || '. ' || body END AS review
+        FROM (SELECT k.uid, k.iid, clean(t.title) AS title, clean(t.text) AS body
+              FROM ({_reader(path, {'title': 'VARCHAR', 'text': 'VARCHAR'})}) t JOIN kept k USING (rec))
+        WHERE title <> '' OR body <> ''
+        ORDER BY uid, iid""")
     reviews: dict[int, dict[int, str]] = {}
     while rows := con.fetchmany(batch):
-        for uid, iid, title, body in rows:
-            if text := _review_text(title, body):
-                reviews.setdefault(uid, {})[iid] = text
+        for uid, iid, text in rows:
+            reviews.setdefault(uid, {})[iid] = text
     return reviews
+
+
+def connect(memory_limit: str, threads: int | None, spill_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with bounded memory (spilling to ``spill_dir``) and the ``clean`` text macro."""
+    config = {"memory_limit": memory_limit, "temp_directory": str(spill_dir)}
+    if threads:
+        config["threads"] = threads
+    con = duckdb.connect(":memory:", config=config)
+    con.create_function("py_clean", clean_text, ["VARCHAR"], "VARCHAR")
+    con.execute(_CLEAN_MACRO)
+    return con
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -308,14 +327,13 @@ def convert_amazon2023(raw_dir: str | Path, category: str, out_dir: str | Path, 
     # a stale manifest must not vouch for half-rewritten files if this run is interrupted
     (out_dir / "manifest.json").unlink(missing_ok=True)
 
-    with tempfile.TemporaryDirectory(prefix=".duckdb-", dir=out_dir) as spill:
-        config = {"memory_limit": memory_limit, "temp_directory": spill, **({"threads": threads} if threads else {})}
-        with duckdb.connect(":memory:", config=config) as con:
-            _load(con, raw)
-            _filter(con, raw, user_k, item_k)
-            sequences, user_names, item_names = _sequences(con)
-            item_text = _item_text(con, raw.meta)
-            reviews = _reviews(con, raw.reviews)
+    spill = tempfile.TemporaryDirectory(prefix=".duckdb-", dir=out_dir)
+    with spill, connect(memory_limit, threads, spill.name) as con:
+        _load(con, raw)
+        _filter(con, raw, user_k, item_k)
+        sequences, user_names, item_names = _sequences(con)
+        item_text = _item_text(con, raw.meta)
+        reviews = _reviews(con, raw.reviews)
 
     write_lcrec(out_dir, category, sequences, item_text, reviews)
     for kind, names in (("item2id", item_names), ("user2id", user_names)):

@@ -10,13 +10,14 @@ a cascade that only iterated k-core removes: WEAKU has 4 reviews -> VICT drops t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from datamodules.amazon2023 import convert_amazon2023, find_amazon2023_files
-from datamodules.amazon_raw import convert_amazon_raw
+from datamodules.amazon2023 import connect, convert_amazon2023, find_amazon2023_files
+from datamodules.amazon_raw import clean_text, convert_amazon_raw
 from datamodules.artifacts import read_manifest
 from datamodules.catalogue import DataFormatError
 from tests.test_amazon_raw import BRUSH, CORE, CREAM, EXPECTED_SEQUENCES, GEL, MASK, SOAP, write_lines
@@ -145,6 +146,16 @@ def test_same_content_as_2018_files_gives_identical_output(tmp_path: Path) -> No
     old = convert_amazon_raw(old_dir, "Beauty", tmp_path / "old")
     for name in ("inter.json", "item.json", "review.json", "item2id", "user2id"):
         assert (new / f"Beauty.{name}").read_text() == (old / f"Beauty.{name}").read_text(), name
+
+
+def test_sql_cleaning_equals_the_2018_converters_clean_text(tmp_path: Path) -> None:
+    spaces = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+    samples = [spaces, f"a{spaces}b", " \x1c tab\tand\u3000ideographic\xa0nbsp ", "x\u200by", "", "  plain  ",
+               "a &amp; b", "<p>Soft&nbsp;and</p>  rich", "1 < 2", "caf\u00e9 \U0001f600", "trailing\u2029"]
+    with connect("1GB", 1, tmp_path) as con:
+        cleaned = [con.execute("SELECT clean(?)", [text]).fetchall()[0][0] for text in samples]
+    assert cleaned == [clean_text(text) for text in samples]
+    assert cleaned[:3] == ["", "a b", "tab and ideographic nbsp"]
 
 
 # ------------------------------------------------------------------------------------ manifest reuse
