@@ -131,21 +131,51 @@ def test_core_cascade_needs_iteration(tmp_path: Path) -> None:
     assert "B0VC" in (out / "Beauty.item2id").read_text()
 
 
-def test_same_content_as_2018_files_gives_identical_output(tmp_path: Path) -> None:
-    """The 2018 converter on the same reviews and meta, written in the 2018 layout, writes the same files."""
+def write_2018_copy(directory: Path, reviews: list[dict], meta: list[dict]) -> Path:
+    """The same reviews and meta in the 2018 layout (fields renamed; ``store`` is the 2018 ``brand``)."""
     to_2018 = {"user_id": "reviewerID", "parent_asin": "asin", "timestamp": "unixReviewTime", "title": "summary",
                "text": "reviewText"}
-    old_reviews = [{to_2018[k]: v for k, v in r.items() if k in to_2018} for r in reviews_2023()]
+    old_reviews = [{to_2018[k]: v for k, v in r.items() if k in to_2018} for r in reviews]
     old_meta = [{"asin": m["parent_asin"], "title": m["title"], "description": m.get("description"),
-                 "brand": m.get("store"), "category": m.get("categories")} for m in meta_2023()]
-    old_dir = tmp_path / "raw2018"
-    old_dir.mkdir()
-    write_lines(old_dir / "Beauty.json", [json.dumps(r) for r in old_reviews])
-    write_lines(old_dir / "meta_Beauty.json", [json.dumps(m) for m in old_meta])
-    new = convert_amazon2023(write_2023(tmp_path / "raw", gz=True), "Beauty", tmp_path / "new")
-    old = convert_amazon_raw(old_dir, "Beauty", tmp_path / "old")
+                 "brand": m.get("store"), "category": m.get("categories")} for m in meta]
+    directory.mkdir(parents=True)
+    write_lines(directory / "Beauty.json", [json.dumps(r) for r in old_reviews])
+    write_lines(directory / "meta_Beauty.json", [json.dumps(m) for m in old_meta])
+    return directory
+
+
+def assert_same_output(new: Path, old: Path) -> None:
     for name in ("inter.json", "item.json", "review.json", "item2id", "user2id"):
         assert (new / f"Beauty.{name}").read_text() == (old / f"Beauty.{name}").read_text(), name
+
+
+def test_same_content_as_2018_files_gives_identical_output(tmp_path: Path) -> None:
+    """The 2018 converter on the same reviews and meta, written in the 2018 layout, writes the same files."""
+    new = convert_amazon2023(write_2023(tmp_path / "raw", gz=True), "Beauty", tmp_path / "new")
+    old = convert_amazon_raw(write_2018_copy(tmp_path / "raw2018", reviews_2023(), meta_2023()), "Beauty",
+                             tmp_path / "old")
+    assert_same_output(new, old)
+
+
+@pytest.mark.parametrize(("seed", "gz"), [(1, True), (2, False), (3, True)])
+def test_random_category_matches_the_2018_converter(seed: int, gz: bool, tmp_path: Path) -> None:
+    """A few hundred random reviews with repeats, equal times, markup and items without a (usable) meta line: the
+    2018 converter is the reference."""
+    rng = np.random.default_rng(seed)
+    users, items = [f"AG{n:03d}" for n in rng.permutation(60)], [f"B0{n:03d}" for n in rng.permutation(40)]
+    pick_user = rng.power(0.6, 600)  # skewed activity, so that the core filter bites
+    reviews = [review(users[int(u * 60)], items[int(rng.power(0.5) * 40)], int(rng.integers(0, 30)) * 1000,
+                      *rng.choice(["", "Good.", "ok", "A &amp; B"], 1).tolist(),
+                      *rng.choice(["", "fine  text", "<br />more", "x\ty"], 1).tolist()) for u in pick_user]
+    meta = [{"parent_asin": item, "title": rng.choice(["", "<br>", f"Item {item}", f"<b>{item}</b> &amp; co"]),
+             "description": [f"About {item}"], "store": rng.choice(["", "Shop", None]), "categories": ["A", "B"]}
+            for item in items if rng.random() > 0.1 for _ in range(int(rng.integers(1, 3)))]
+    raw = write_2023(tmp_path / "raw", gz, reviews=reviews, meta=meta)
+    new = convert_amazon2023(raw, "Beauty", tmp_path / "new", user_k=3, item_k=3)
+    old = convert_amazon_raw(write_2018_copy(tmp_path / "raw2018", reviews, meta), "Beauty", tmp_path / "old",
+                             user_k=3, item_k=3)
+    assert 10 <= read_manifest(new)["counts"]["users"] < 60  # filtering removed some users, kept enough to compare
+    assert_same_output(new, old)
 
 
 def test_fast_cleaning_equals_the_2018_converters_clean_text() -> None:
