@@ -273,3 +273,13 @@ def test_sequence_datamodule_converts_a_2023_directory(raw_dir: Path) -> None:
     dm.setup("fit")
     assert (dm.catalogue.num_users, dm.catalogue.num_items) == (5, 5)
     assert read_manifest(raw_dir / "lcrec")["converter"].startswith("amazon2023/")
+
+
+def test_datamodule_source_amazon2023_names_the_missing_meta_file(tmp_path: Path) -> None:
+    from datamodules.sequence import SequenceDataModule
+
+    write_lines(tmp_path / "Beauty.jsonl", [json.dumps(r) for r in reviews_2023()])
+    with pytest.raises(DataFormatError, match=r"found Beauty\.jsonl but no meta_Beauty\.jsonl"):
+        SequenceDataModule(data_dir=str(tmp_path), source="amazon2023").setup("fit")
+    with pytest.raises(DataFormatError, match=r"found Beauty\.jsonl but no meta_Beauty\.jsonl"):
+        SequenceDataModule(data_dir=str(tmp_path)).setup("fit")  # auto detection gives the same precise error

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only as pytorch_rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
 from experiments.slurm.render import defaults, render
 from experiments.slurm.resume import resume_checkpoint
@@ -117,6 +120,8 @@ def test_lightning_derives_ranks_from_slurm(proc_id: int, node_rank: int, local_
         monkeypatch.setenv(name, value)
     for name in ("MASTER_ADDR", "MASTER_PORT"):  # Lightning exports them; undone after the test
         monkeypatch.delenv(name, raising=False)
+    for flag in {id(f): f for f in (fabric_rank_zero_only, pytorch_rank_zero_only, utils_rank_zero_only)}.values():
+        monkeypatch.setattr(flag, "rank", flag.rank)  # the DDP strategy sets the process-wide rank; restore it
     # the same flags on CPU processes with DDP: DeepSpeed cannot be built without GPUs, the environment is the same
     strategy = args.index(f"{CONFIGS.relative_to(REPO)}/strategy/deepspeed_zero3_offload.yaml")
     args[strategy] = str(CONFIGS / "strategy" / "ddp.yaml")
@@ -128,6 +133,7 @@ def test_lightning_derives_ranks_from_slurm(proc_id: int, node_rank: int, local_
     assert (trainer.node_rank, trainer.local_rank, trainer.num_nodes) == (node_rank, local_rank, NODES)
     assert environment.main_address == "gpu003"  # the first host of gpu[003-004]
     assert environment.main_port == 15000 + 4242  # the job id's last 4 digits: the same on every rank
+    assert pytorch_rank_zero_only.rank == proc_id  # logging and checkpoint writes happen on global rank 0 only
 
 
 # ------------------------------------------------------------------------------------------- resuming
