@@ -10,9 +10,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_only as pytorch_rank_zero_only
@@ -39,17 +42,31 @@ def slurm_env(proc_id: int, nodes: int = NODES, gpus: int = GPUS) -> dict[str, s
     }
 
 
+# srun records its argv; with SRUN_EXEC=1 it then runs the command (one task: srun's options are dropped)
+FAKE_SRUN = """#!/bin/sh
+printf "%s\\0" "$@" > "$SRUN_ARGV"
+[ "${SRUN_EXEC:-0}" = 1 ] || exit 0
+while [ "${1#-}" != "$1" ]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = '#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n'
+
+
 def run_job(template: Path, tmp_path: Path, env: dict[str, str], **values: str) -> list[str]:
     """Render ``template``, run it with bash as sbatch would, and return the argv it gave srun."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "srun").write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$SRUN_ARGV"\n')
-    (bin_dir / "srun").chmod(0o755)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     script = tmp_path / "job.sbatch"
     script.write_text(render(template.read_text(), values))
     path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
-    subprocess.run(["bash", str(script)], cwd=REPO, check=True, capture_output=True, text=True,
-                   env={**os.environ, **env, "PATH": path, "SRUN_ARGV": str(tmp_path / "argv")})
+    done = subprocess.run(["bash", str(script)], check=False, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **env, "PATH": path, "SRUN_ARGV": str(tmp_path / "argv"),
+                               "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "PYTHONPATH": str(REPO)})
+    (tmp_path / "job.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return (tmp_path / "argv").read_text().split("\0")[:-1]
 
 
@@ -169,3 +186,42 @@ def test_requeued_job_resumes_from_last_ckpt(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         build_cli(["fit", *args, "--print_config"])
     assert f"ckpt_path: {last}\n" in capsys.readouterr().out
+
+
+class RequeueAtStep(L.Callback):
+    """Test helper: at training step ``step``, SLURM's warning signal arrives (SIGUSR1), then the job dies the way
+    SLURM ends it (no clean-up)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            signal.raise_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 60
+            while not list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")) and time.monotonic() < deadline:
+                time.sleep(0.05)  # Lightning's handler saves the checkpoint and calls scontrol requeue
+            os._exit(0)
+
+
+def test_signal_saves_requeues_and_the_rerun_resumes(synthetic_dir: Path, tmp_path: Path) -> None:
+    """The whole requeue path on CPU: a one-task job (DDP, gloo) gets SIGUSR1 at step 3 and dies; Lightning has
+    saved hpc_ckpt_1.ckpt and asked scontrol to requeue; the rerun of the same script resumes from step 3."""
+    root = tmp_path / "run"
+    env = {**slurm_env(0, nodes=1, gpus=1), "SRUN_EXEC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+    extra = ("--trainer.accelerator cpu --trainer.precision 32 --trainer.max_steps 6 --trainer.val_check_interval 3 "
+             "--test_after_fit false "
+             f"--data.init_args.data_dir {synthetic_dir} --data.init_args.source lcrec "
+             "--data.init_args.dataset Synthetic --data.init_args.batch_size 16")
+    values = {"ROOT": str(root), "CONFIG": "configs/synthetic/sasrec.yaml", "STRATEGY": "ddp", "GPUS_PER_NODE": "1"}
+    run_job(ONE, tmp_path, env, **values,
+            EXTRA_ARGS=f"{extra} --trainer.callbacks+=tests.test_slurm.RequeueAtStep --trainer.callbacks.step 3")
+    hpc = root / "hpc_ckpt_1.ckpt"
+    assert hpc.is_file() and (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert torch.load(hpc, map_location="cpu", weights_only=False)["global_step"] == 3
+
+    args = fit_args(run_job(ONE, tmp_path, {**env, "SLURM_RESTART_COUNT": "1"}, **values, EXTRA_ARGS=extra))
+    assert args[args.index("--ckpt_path") + 1] == str(hpc)
+    log = (tmp_path / "job.log").read_text()
+    assert "resuming from " + str(hpc) in log and f"Restored all states from the checkpoint at {hpc}" in log
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # no second signal, no second requeue
