@@ -177,8 +177,12 @@ def _check_required(con: duckdb.DuckDBPyConnection, table: str, path: Path, fiel
 
 
 # ------------------------------------------------------------------------------------------ the recipe
-def _load(con: duckdb.DuckDBPyConnection, raw: RawFiles) -> None:
-    """Tables ``r`` (every review's keys) and ``m`` (first titled meta line of each reviewed item)."""
+def _load(con: duckdb.DuckDBPyConnection, raw: RawFiles) -> int:
+    """Tables ``r`` (every review's keys) and ``m`` (first titled meta line of each reviewed item).
+
+    Returns:
+        The number of reviews read.
+    """
     _scan(con, f"CREATE TEMP TABLE r AS {_reader(raw.reviews, REVIEW_COLUMNS)}", raw.reviews, REVIEW_COLUMNS)
     _check_required(con, "r", raw.reviews, REVIEW_COLUMNS)
     meta_keys = {"parent_asin": "VARCHAR"}
@@ -190,6 +194,7 @@ def _load(con: duckdb.DuckDBPyConnection, raw: RawFiles) -> None:
         WHERE parent_asin IN (SELECT DISTINCT parent_asin FROM r) AND has_text(title)
         GROUP BY parent_asin""")
     con.execute("DROP TABLE mm")
+    return con.execute("SELECT count(*) FROM r").fetchall()[0][0]
 
 
 def _filter(con: duckdb.DuckDBPyConnection, raw: RawFiles, user_k: int, item_k: int) -> int:
@@ -340,8 +345,9 @@ def convert_amazon2023(raw_dir: str | Path, category: str, out_dir: str | Path, 
 
     spill = tempfile.TemporaryDirectory(prefix=".duckdb-", dir=out_dir)
     with spill, connect(memory_limit, threads, spill.name) as con:
-        _load(con, raw)
-        _filter(con, raw, user_k, item_k)
+        reviews_read = _load(con, raw)
+        log.info("%s: %d reviews read, %d interactions left after the metadata, repeat and %d/%d-core filters",
+                 category, reviews_read, _filter(con, raw, user_k, item_k), user_k, item_k)
         sequences, user_names, item_names = _sequences(con)
         item_text = _item_text(con, raw.meta)
         reviews = _reviews(con, raw.reviews)
