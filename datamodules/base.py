@@ -24,7 +24,7 @@ from datamodules.synthetic import SyntheticSpec, write_synthetic
 
 log = logging.getLogger(__name__)
 
-Source = Literal["auto", "lcrec", "amazon_raw", "synthetic"]
+Source = Literal["auto", "lcrec", "amazon_raw", "amazon2023", "synthetic"]
 
 
 def _raw_amazon_present(data_dir: Path, category: str | None) -> bool:
@@ -60,10 +60,11 @@ class RecDataModule(L.LightningDataModule):
 
     Args:
         data_dir: directory with an LC-Rec dataset (``<Name>.inter.json`` ...), raw Amazon 2018 files
-            (``<Category>.json[.gz]`` or ``<Category>_5.json[.gz]`` plus ``meta_<Category>.json[.gz]``),
+            (``<Category>.json[.gz]`` or ``<Category>_5.json[.gz]`` plus ``meta_<Category>.json[.gz]``), Amazon
+            Reviews 2023 files (``<Category>.jsonl[.gz]`` plus ``meta_<Category>.jsonl[.gz]``),
             or, for ``source: synthetic``, where the synthetic dataset is written.
         dataset: dataset name (``<Name>`` / ``<Category>``); inferred when the directory holds exactly one.
-        source: ``auto`` detects LC-Rec or raw Amazon files; ``synthetic`` generates the embedded default.
+        source: ``auto`` detects LC-Rec, raw Amazon 2018 or 2023 files; ``synthetic`` generates the embedded default.
         processed_dir: where raw Amazon files are converted to LC-Rec format (default ``<data_dir>/lcrec``).
         synthetic: shape of the synthetic dataset (``source: synthetic`` only).
         max_history: history cap of every sample (20 as in LC-Rec).
@@ -136,14 +137,21 @@ class RecDataModule(L.LightningDataModule):
             from datamodules.amazon_raw import find_raw_files
 
             find_raw_files(self.data_dir, self.dataset, required=True)  # raises the precise error
+        if self.source in ("auto", "amazon2023"):
+            from datamodules.amazon2023 import find_amazon2023_files
+
+            raw = find_amazon2023_files(self.data_dir, self.dataset, required=self.source == "amazon2023")
+            if raw is not None:
+                return self.processed_dir, raw.category, "amazon2023"
         raise DataFormatError(
             f"data_dir {self.data_dir} holds neither an LC-Rec dataset (<Name>.inter.json) nor raw Amazon 2018 files "
-            "(<Category>.json[.gz] or <Category>_5.json[.gz] with meta_<Category>.json[.gz]). Point "
+            "(<Category>.json[.gz] or <Category>_5.json[.gz] with meta_<Category>.json[.gz]) nor Amazon 2023 files "
+            "(<Category>.jsonl[.gz] with meta_<Category>.jsonl[.gz]). Point "
             "`data.init_args.data_dir` at one of those, or set `data.init_args.source: synthetic`."
         )
 
     def prepare_data(self) -> None:
-        """Rank-0 work: generate the synthetic dataset or convert raw Amazon files, once, atomically."""
+        """Rank-0 work: generate the synthetic dataset or convert raw Amazon (2018 or 2023) files, once, atomically."""
         directory, name, source = self._resolve()
         if source == "synthetic":
             write_synthetic(directory, self.synthetic, name=name)
@@ -151,11 +159,15 @@ class RecDataModule(L.LightningDataModule):
             from datamodules.amazon_raw import convert_amazon_raw
 
             convert_amazon_raw(self.data_dir, name, directory)
+        elif source == "amazon2023":
+            from datamodules.amazon2023 import convert_amazon2023
+
+            convert_amazon2023(self.data_dir, name, directory)
 
     def load_catalogue(self) -> Catalogue:
         """Resolve, prepare (if needed) and load the catalogue; usable outside a Trainer."""
         directory, name, source = self._resolve()
-        if source in ("synthetic", "amazon_raw"):
+        if source in ("synthetic", "amazon_raw", "amazon2023"):
             single_process = not (torch.distributed.is_available() and torch.distributed.is_initialized())
             # Single process: (re)convert when inputs changed (a no-op when the manifest matches). Under DDP the
             # Trainer already ran prepare_data on rank 0 behind a barrier; other ranks must not write concurrently.
