@@ -17,7 +17,9 @@ from datamodules.code_index import collision_rate, level_statistics
 log = logging.getLogger(__name__)
 
 
-def gather_codes(pl_module: L.LightningModule, items: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_codes(
+    pl_module: L.LightningModule, items: torch.Tensor, codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All ranks' (item, codes) pairs; evaluation shards differ in size, so pad to the largest before gathering."""
     if pl_module.trainer.world_size == 1:
         return items, codes
@@ -52,21 +54,31 @@ class CollisionLogger(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._items, self._codes = [], []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if isinstance(outputs, dict) and "codes" in outputs:
             self._items.append(outputs["item"].detach().cpu())
             self._codes.append(outputs["codes"].detach().cpu())
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self._codes:
-            return  # the sanity check sees a few batches only: a collision rate over part of the catalogue means nothing
+            return  # the sanity check sees a few batches: a collision rate over part of the catalogue means nothing
         items, codes = gather_codes(pl_module, torch.cat(self._items), torch.cat(self._codes))
         codes = codes[torch.argsort(items)]
         k = pl_module.hparams.codebook_size
-        row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step, "collision_rate": collision_rate(codes)}
+        row: dict[str, float] = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "collision_rate": collision_rate(codes),
+        }
         for level, stats in enumerate(level_statistics(codes, k)):
             row.update({f"level{level + 1}/{name}": value for name, value in stats.items()})
-        metrics = {f"val/{name}": float(value) for name, value in row.items() if name not in ("epoch", "step", "collision_rate")}
+        metrics = {
+            f"val/{name}": float(value)
+            for name, value in row.items()
+            if name not in ("epoch", "step", "collision_rate")
+        }
         pl_module.log_dict(metrics, prog_bar=False, sync_dist=False)
         pl_module.log("val/collision_rate", row["collision_rate"], prog_bar=True)
         self.history.append(row)
@@ -95,7 +107,12 @@ class CollisionLogger(L.Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_table(key="codebook/collisions", columns=columns, data=rows)
         final = self.history[-1]
-        log.info("collision rate %.4f%% after %d validations (table: %s)", 100 * final["collision_rate"], len(self.history), directory / "collisions.csv")
+        log.info(
+            "collision rate %.4f%% after %d validations (table: %s)",
+            100 * final["collision_rate"],
+            len(self.history),
+            directory / "collisions.csv",
+        )
 
     def _plot(self, directory) -> None:
         try:

@@ -49,9 +49,15 @@ class ItemEmbeddingExporter(L.Callback):
         if not (Path(self.output_dir) / MANIFEST_NAME).is_file() or self.overwrite_other_dataset:
             return
         try:
-            read_artifact(self.output_dir, KIND, {"dataset": fingerprint}, fix=(
-                f"this run trains on {fingerprint['name']}. Point ItemEmbeddingExporter's `output_dir` at another "
-                "directory, or set `overwrite_other_dataset: true` to replace it"))
+            read_artifact(
+                self.output_dir,
+                KIND,
+                {"dataset": fingerprint},
+                fix=(
+                    f"this run trains on {fingerprint['name']}. Point ItemEmbeddingExporter's `output_dir` at another "
+                    "directory, or set `overwrite_other_dataset: true` to replace it"
+                ),
+            )
         except ArtifactError as err:
             raise ArtifactError(f"ItemEmbeddingExporter will not replace {self.output_dir}: {err}") from None
 
@@ -94,18 +100,24 @@ class ItemEmbeddingExporter(L.Callback):
             pl_module.train(was_training)
         val_metrics = self._val_by_step.get(step) or _val_metrics(trainer)
         score = getattr(checkpoint, "best_model_score", None) if best_path else None
-        self.export(trainer, pl_module, embeddings, {
-            "checkpoint": best_path or None,
-            "checkpoint_epoch": epoch,
-            "checkpoint_global_step": step,
-            "monitor": getattr(checkpoint, "monitor", None) if best_path else None,
-            "best_score": None if score is None or math.isnan(float(score)) else float(score),
-            "val_metrics": val_metrics,
-            "config_file": str(config) if config.is_file() else None,
-        })
+        self.export(
+            trainer,
+            pl_module,
+            embeddings,
+            {
+                "checkpoint": best_path or None,
+                "checkpoint_epoch": epoch,
+                "checkpoint_global_step": step,
+                "monitor": getattr(checkpoint, "monitor", None) if best_path else None,
+                "best_score": None if score is None or math.isnan(float(score)) else float(score),
+                "val_metrics": val_metrics,
+                "config_file": str(config) if config.is_file() else None,
+            },
+        )
 
-    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, embeddings: torch.Tensor,
-               extra: dict[str, Any]) -> Path:
+    def export(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, embeddings: torch.Tensor, extra: dict[str, Any]
+    ) -> Path:
         """Write the artifact (tensor and manifest) through one :class:`ArtifactWriter`."""
         catalogue = _catalogue(trainer)
         self.check_target(catalogue.fingerprint())
@@ -119,17 +131,19 @@ class ItemEmbeddingExporter(L.Callback):
         datamodule = trainer.datamodule
         with ArtifactWriter(self.output_dir, KIND) as writer:
             writer.save_torch(EMBEDDINGS_NAME, embeddings)
-            writer.commit({
-                "dataset": catalogue.fingerprint(),
-                "num_items": catalogue.num_items,
-                "dim": int(embeddings.shape[1]),
-                "file": EMBEDDINGS_NAME,
-                "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
-                "model_hparams": jsonable(dict(pl_module.hparams)),
-                "datamodule_class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
-                "datamodule_hparams": jsonable(dict(getattr(datamodule, "hparams", {}))),
-                **extra,
-            })
+            writer.commit(
+                {
+                    "dataset": catalogue.fingerprint(),
+                    "num_items": catalogue.num_items,
+                    "dim": int(embeddings.shape[1]),
+                    "file": EMBEDDINGS_NAME,
+                    "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                    "model_hparams": jsonable(dict(pl_module.hparams)),
+                    "datamodule_class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+                    "datamodule_hparams": jsonable(dict(getattr(datamodule, "hparams", {}))),
+                    **extra,
+                }
+            )
         log.info("item embeddings %s of %s written to %s", tuple(embeddings.shape), catalogue.name, self.output_dir)
         return Path(self.output_dir)
 

@@ -63,29 +63,36 @@ def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, data
         writer.save_torch(CODEBOOK_FILE, state)
         writer.save_torch(CODE_VECTORS_FILE, quantizer.codebooks.detach().cpu().float().contiguous())
         writer.write_json(INDEX_FILE, index_json(resolution.codes), indent=None)
-        manifest = writer.commit({
-            "dataset": catalogue.fingerprint(),
-            "num_items": catalogue.num_items,
-            "num_levels": quantizer.num_levels,
-            "codebook_size": quantizer.codebook_size,
-            "tokens_per_item": int(resolution.codes.shape[1]),
-            "code_vectors": CODE_VECTORS_FILE,
-            "distance": quantizer.distance,
-            "variant": quantizer.config()["variant"],
-            "raw_collision_rate": resolution.raw_collision_rate,
-            "final_collision_rate": resolution.final_collision_rate,
-            "reassigned_items": resolution.reassigned,
-            "extra_level_items": resolution.extra_level,
-            "items_with_text": int(has_text.sum()),
-            "config": dict(pl_module.hparams),
-            "embeddings": getattr(datamodule, "embedding_source", {}),
-            "llm_path": getattr(datamodule, "llm_path", None),
-            "cold_start": [],
-        })
+        manifest = writer.commit(
+            {
+                "dataset": catalogue.fingerprint(),
+                "num_items": catalogue.num_items,
+                "num_levels": quantizer.num_levels,
+                "codebook_size": quantizer.codebook_size,
+                "tokens_per_item": int(resolution.codes.shape[1]),
+                "code_vectors": CODE_VECTORS_FILE,
+                "distance": quantizer.distance,
+                "variant": quantizer.config()["variant"],
+                "raw_collision_rate": resolution.raw_collision_rate,
+                "final_collision_rate": resolution.final_collision_rate,
+                "reassigned_items": resolution.reassigned,
+                "extra_level_items": resolution.extra_level,
+                "items_with_text": int(has_text.sum()),
+                "config": dict(pl_module.hparams),
+                "embeddings": getattr(datamodule, "embedding_source", {}),
+                "llm_path": getattr(datamodule, "llm_path", None),
+                "cold_start": [],
+            }
+        )
     log.info(
-        "index of %d items written to %s: raw collision rate %.4f%%, %d re-assigned, %d on an extra level, final %.1f%%",
-        catalogue.num_items, output_dir, 100 * resolution.raw_collision_rate, resolution.reassigned,
-        resolution.extra_level, 100 * resolution.final_collision_rate,
+        "index of %d items written to %s: raw collision rate %.4f%%, %d re-assigned, %d on an extra level, final "
+        "%.1f%%",
+        catalogue.num_items,
+        output_dir,
+        100 * resolution.raw_collision_rate,
+        resolution.reassigned,
+        resolution.extra_level,
+        100 * resolution.final_collision_rate,
     )
     return manifest
 
@@ -135,11 +142,16 @@ def assign_codes(
     embeddings = check_embeddings(torch.as_tensor(embeddings), None, "new item embeddings")
     expected_dim = state["quantizer_config"]["dim"]
     if embeddings.shape[1] != expected_dim:
-        raise ValueError(f"new item embeddings have dim {embeddings.shape[1]}, the codebook was trained on dim {expected_dim}")
+        raise ValueError(
+            f"new item embeddings have dim {embeddings.shape[1]}, the codebook was trained on dim {expected_dim}"
+        )
     digest = hashlib.sha256(embeddings.numpy().tobytes()).hexdigest()
     for record in manifest.get("cold_start", []):
         if record["embeddings_sha256"] == digest:
-            raise ValueError(f"these embeddings were already added as items {record['first_item']}..{record['last_item']} of {directory}")
+            raise ValueError(
+                f"these embeddings were already added as items {record['first_item']}..{record['last_item']} of "
+                f"{directory}"
+            )
     items, existing = tokens_to_codes(index)
     n, m, levels = len(items), embeddings.shape[0], quantizer.num_levels
     if not torch.equal(items, torch.arange(n)):
@@ -147,36 +159,64 @@ def assign_codes(
     with torch.no_grad():
         new = quantizer(embeddings)
     if raw_codes is not None and not torch.equal(raw_codes.cpu(), new.codes):
-        raise ValueError("predicted codes differ from the exported codebook's: predict with the checkpoint that was exported")
+        raise ValueError(
+            "predicted codes differ from the exported codebook's: predict with the checkpoint that was exported"
+        )
     use_llm = llm_embeddings is not None and state["llm_projection"] is not None
     llm = torch.as_tensor(llm_embeddings).float() if use_llm else None
     new_cost = last_level_costs(
-        new, quantizer.codebooks[-1].detach(), quantizer.distance, state["behaviour_weight"],
-        projection=state["llm_projection"] if use_llm else None, llm_target=(llm - state["llm_mean"]) if use_llm else None,
-        has_text=(llm.abs().sum(1) > 0) if use_llm else None, llm_weight=state["llm_alignment_weight"],
+        new,
+        quantizer.codebooks[-1].detach(),
+        quantizer.distance,
+        state["behaviour_weight"],
+        projection=state["llm_projection"] if use_llm else None,
+        llm_target=(llm - state["llm_mean"]) if use_llm else None,
+        has_text=(llm.abs().sum(1) > 0) if use_llm else None,
+        llm_weight=state["llm_alignment_weight"],
     )
     codes = torch.cat([existing[:, :levels], new.codes])
     fixed = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(m, dtype=torch.bool)])
-    fixed_extra = torch.cat([existing[:, levels], torch.zeros(m, dtype=torch.long)]) if existing.shape[1] > levels else None
+    fixed_extra = (
+        torch.cat([existing[:, levels], torch.zeros(m, dtype=torch.long)]) if existing.shape[1] > levels else None
+    )
     raw_rate = float(shared_mask(codes)[n:].float().mean()) if m else 0.0
     pair_cost = pair_costs(new, quantizer.codebooks[-2:].detach(), quantizer.distance) if levels >= 2 else None
-    resolution = make_unique(codes, lambda rows: new_cost(rows - n), quantizer.codebook_size, fixed, fixed_extra,
-                             pair_cost=(lambda rows: pair_cost(rows - n)) if pair_cost else None)
+    resolution = make_unique(
+        codes,
+        lambda rows: new_cost(rows - n),
+        quantizer.codebook_size,
+        fixed,
+        fixed_extra,
+        pair_cost=(lambda rows: pair_cost(rows - n)) if pair_cost else None,
+    )
     extended = dict(index)
     extended.update({str(n + row): tokens for row, tokens in enumerate(codes_to_tokens(resolution.codes[n:]))})
     manifest.pop("files")
     manifest["num_items"] = n + m
     manifest["final_collision_rate"] = collision_rate(resolution.codes)
-    manifest["cold_start"] = [*manifest.get("cold_start", []), {
-        "first_item": n, "last_item": n + m - 1, "count": m, "embeddings_sha256": digest,
-        "raw_collision_rate": raw_rate, "reassigned_items": resolution.reassigned,
-    }]
+    manifest["cold_start"] = [
+        *manifest.get("cold_start", []),
+        {
+            "first_item": n,
+            "last_item": n + m - 1,
+            "count": m,
+            "embeddings_sha256": digest,
+            "raw_collision_rate": raw_rate,
+            "reassigned_items": resolution.reassigned,
+        },
+    ]
     with ArtifactWriter(out_dir, KIND) as writer:  # a new complete artifact, swapped in whole (also in place)
         writer.copy(CODEBOOK_FILE, artifact.file(CODEBOOK_FILE))
         writer.copy(CODE_VECTORS_FILE, artifact.file(CODE_VECTORS_FILE))
         writer.write_json(INDEX_FILE, extended, indent=None)
         writer.commit(manifest)
-    log.info("cold start: %d new items coded into %s (%.2f%% collided raw, %d re-assigned)", m, out_dir, 100 * raw_rate, resolution.reassigned)
+    log.info(
+        "cold start: %d new items coded into %s (%.2f%% collided raw, %d re-assigned)",
+        m,
+        out_dir,
+        100 * raw_rate,
+        resolution.reassigned,
+    )
     return extended
 
 
@@ -214,7 +254,9 @@ class CodeIndexExporter(L.Callback):
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._predictions = []
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._predictions.append({key: value.detach().cpu() for key, value in outputs.items()})
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -227,6 +269,7 @@ class CodeIndexExporter(L.Callback):
         items, codes = gather_codes(pl_module, items, codes)
         if trainer.global_rank == 0:
             codes = codes[torch.argsort(items)]
-            self.extended = assign_codes(self.output_dir, datamodule.cold_start, output_dir=self.predict_output_dir,
-                                         raw_codes=codes)
+            self.extended = assign_codes(
+                self.output_dir, datamodule.cold_start, output_dir=self.predict_output_dir, raw_codes=codes
+            )
         trainer.strategy.barrier("cold_start_export")

@@ -45,7 +45,8 @@ class KMeansInit(L.Callback):
         embeddings = getattr(trainer.datamodule, "item_embeddings", None)
         if embeddings is None:
             raise RuntimeError(
-                f"KMeansInit needs {k} points: the first batch has {len(batch['embedding'])} and there is no ItemDataModule "
+                f"KMeansInit needs {k} points: the first batch has {len(batch['embedding'])} and there is no "
+                "ItemDataModule "
                 "catalogue to draw from. Increase the batch size or use datamodules.ItemDataModule."
             )
         n = embeddings.shape[0]
@@ -56,7 +57,9 @@ class KMeansInit(L.Callback):
         return embeddings[rows], f"{size} catalogue items"
 
     @torch.no_grad()
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         quantizer = pl_module.quantizer
         if bool(quantizer.initialised):
             return

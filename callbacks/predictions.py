@@ -31,7 +31,7 @@ def write_topk(
     """
 
     def write(handle) -> None:
-        for row, (user, row_items) in enumerate(zip(user_ids, items)):
+        for row, (user, row_items) in enumerate(zip(user_ids, items, strict=False)):
             keep = [
                 n for n, item in enumerate(row_items) if item >= 0 and (scores is None or math.isfinite(scores[row][n]))
             ]

@@ -49,7 +49,11 @@ class MetricsWriter(L.Callback):
         metrics = self._collect(trainer, prefix)
         if not metrics or not trainer.is_global_zero:
             return None
-        record: dict[str, Any] = {"metrics": metrics, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        record: dict[str, Any] = {
+            "metrics": metrics,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+        }
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and getattr(checkpoint, "best_model_path", ""):
             score = checkpoint.best_model_score

@@ -165,8 +165,10 @@ def _reader(path: Path, columns: dict[str, str]) -> str:
     spec = ", ".join(f"'{name}': '{sql_type}'" for name, sql_type in columns.items())
     selected = ", ".join(f'"{name}"' for name in columns)
     source = str(path).replace("'", "''")
-    return (f"SELECT {selected}, row_number() OVER () AS rec "
-            f"FROM read_json('{source}', format='newline_delimited', columns={{{spec}}})")
+    return (
+        f"SELECT {selected}, row_number() OVER () AS rec "
+        f"FROM read_json('{source}', format='newline_delimited', columns={{{spec}}})"
+    )
 
 
 def _check_required(con: duckdb.DuckDBPyConnection, table: str, path: Path, fields: dict[str, str]) -> None:
@@ -218,11 +220,13 @@ def _filter(con: duckdb.DuckDBPyConnection, raw: RawFiles, user_k: int, item_k: 
         DROP TABLE pairs""")
     size = con.execute("SELECT count(*) FROM k").fetchall()[0][0]
     while size:
-        con.execute("""
+        con.execute(
+            """
             CREATE TEMP TABLE k_next AS SELECT * FROM k
             WHERE u IN (SELECT u FROM k GROUP BY u HAVING count(*) >= $user_k)
               AND i IN (SELECT i FROM k GROUP BY i HAVING count(*) >= $item_k)""",
-                    {"user_k": user_k, "item_k": item_k})
+            {"user_k": user_k, "item_k": item_k},
+        )
         con.execute("DROP TABLE k; ALTER TABLE k_next RENAME TO k")
         size, before = con.execute("SELECT count(*) FROM k").fetchall()[0][0], size
         if size == before:
@@ -283,7 +287,7 @@ def _reviews(con: duckdb.DuckDBPyConnection, path: Path, batch: int = 100_000) -
     joined by ". " (by " " when the title ends in ".", "!" or "?"); reviews with neither are left out.
     """
     con.execute(f"""
-        SELECT k.uid, k.iid, t.title, t.text FROM ({_reader(path, {'title': 'VARCHAR', 'text': 'VARCHAR'})}) t
+        SELECT k.uid, k.iid, t.title, t.text FROM ({_reader(path, {"title": "VARCHAR", "text": "VARCHAR"})}) t
         JOIN kept k USING (rec)""")  # streamed: no ORDER BY, which would hold all the text at once
     reviews: dict[int, dict[int, str]] = {}
     while rows := con.fetchmany(batch):
@@ -308,8 +312,15 @@ def connect(memory_limit: str, threads: int | None, spill_dir: str | Path) -> du
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def convert_amazon2023(raw_dir: str | Path, category: str, out_dir: str | Path, user_k: int = 5, item_k: int = 5,
-                       memory_limit: str = "8GB", threads: int | None = None) -> Path:
+def convert_amazon2023(
+    raw_dir: str | Path,
+    category: str,
+    out_dir: str | Path,
+    user_k: int = 5,
+    item_k: int = 5,
+    memory_limit: str = "8GB",
+    threads: int | None = None,
+) -> Path:
     """Convert one category's 2023 files into ``out_dir`` in LC-Rec format (skipped when already up to date).
 
     Args:
@@ -332,10 +343,18 @@ def convert_amazon2023(raw_dir: str | Path, category: str, out_dir: str | Path, 
         raise ValueError(f"user_k and item_k must be >= 1, got {user_k}, {item_k}")
     raw = find_amazon2023_files(raw_dir, category, required=True)
     out_dir = Path(out_dir)
-    expected = {"converter": CONVERTER_VERSION, "category": category,
-                "raw_sha256": sha256_files([raw.reviews, raw.meta]), "user_k": user_k, "item_k": item_k}
-    outputs = [*(lcrec_paths(out_dir, category)[k] for k in ("inter", "item", "review")),
-               out_dir / f"{category}.item2id", out_dir / f"{category}.user2id"]
+    expected = {
+        "converter": CONVERTER_VERSION,
+        "category": category,
+        "raw_sha256": sha256_files([raw.reviews, raw.meta]),
+        "user_k": user_k,
+        "item_k": item_k,
+    }
+    outputs = [
+        *(lcrec_paths(out_dir, category)[k] for k in ("inter", "item", "review")),
+        out_dir / f"{category}.item2id",
+        out_dir / f"{category}.user2id",
+    ]
     if _is_current(out_dir, expected, outputs):
         log.info("%s: up to date with %s, not reconverting", out_dir, raw.reviews.name)
         return out_dir
@@ -346,19 +365,29 @@ def convert_amazon2023(raw_dir: str | Path, category: str, out_dir: str | Path, 
     spill = tempfile.TemporaryDirectory(prefix=".duckdb-", dir=out_dir)
     with spill, connect(memory_limit, threads, spill.name) as con:
         reviews_read = _load(con, raw)
-        log.info("%s: %d reviews read, %d interactions left after the metadata, repeat and %d/%d-core filters",
-                 category, reviews_read, _filter(con, raw, user_k, item_k), user_k, item_k)
+        log.info(
+            "%s: %d reviews read, %d interactions left after the metadata, repeat and %d/%d-core filters",
+            category,
+            reviews_read,
+            _filter(con, raw, user_k, item_k),
+            user_k,
+            item_k,
+        )
         sequences, user_names, item_names = _sequences(con)
         item_text = _item_text(con, raw.meta)
         reviews = _reviews(con, raw.reviews)
 
     write_lcrec(out_dir, category, sequences, item_text, reviews)
     for kind, names in (("item2id", item_names), ("user2id", user_names)):
-        atomic_write(out_dir / f"{category}.{kind}",
-                     lambda handle, names=names: handle.writelines(f"{n}\t{i}\n" for i, n in enumerate(names)))
+        atomic_write(
+            out_dir / f"{category}.{kind}",
+            lambda handle, names=names: handle.writelines(f"{n}\t{i}\n" for i, n in enumerate(names)),
+        )
     if lcrec_paths(out_dir, category)["index"].is_file():
-        log.warning("%s: item codes predate this conversion and may not match the new item ids; regenerate them.",
-                    lcrec_paths(out_dir, category)["index"])
+        log.warning(
+            "%s: item codes predate this conversion and may not match the new item ids; regenerate them.",
+            lcrec_paths(out_dir, category)["index"],
+        )
     counts = {"users": len(user_names), "items": len(item_names), "interactions": sum(map(len, sequences.values()))}
     write_manifest(out_dir, {**expected, "raw_files": [raw.reviews.name, raw.meta.name], "counts": counts})
     log.info("%s: converted %s -> %s %s", category, raw.reviews.name, out_dir, counts)

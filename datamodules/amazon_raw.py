@@ -75,7 +75,9 @@ def _infer_category(data_dir: Path, required: bool) -> str | None:
             "`data.init_args.dataset` to the one to convert."
         )
     if len(partial) > 1 and not complete:
-        raise DataFormatError(f"{data_dir} holds incomplete raw sets for {', '.join(partial)}; each needs reviews and meta. {_HINT}.")
+        raise DataFormatError(
+            f"{data_dir} holds incomplete raw sets for {', '.join(partial)}; each needs reviews and meta. {_HINT}."
+        )
     if not partial and required:
         raise DataFormatError(f"{data_dir} holds no raw Amazon files. {_HINT} into it.")
     return (complete or partial or [None])[0]
@@ -251,8 +253,16 @@ def _collect_reviews(path: Path, lines: np.ndarray, users: np.ndarray, items: np
     return {user: dict(sorted(reviews[user].items())) for user in sorted(reviews)}
 
 
-def _filter(raw: RawFiles, meta: dict[int, dict[str, str]], users: np.ndarray, items: np.ndarray, times: np.ndarray,
-            lines: np.ndarray, user_k: int, item_k: int) -> tuple[np.ndarray, ...]:
+def _filter(
+    raw: RawFiles,
+    meta: dict[int, dict[str, str]],
+    users: np.ndarray,
+    items: np.ndarray,
+    times: np.ndarray,
+    lines: np.ndarray,
+    user_k: int,
+    item_k: int,
+) -> tuple[np.ndarray, ...]:
     """LC-Rec's filters in order: items with metadata, first of each repeated pair, then the k-core."""
     has_meta = np.zeros(int(items.max(initial=-1)) + 1, dtype=bool)
     has_meta[list(meta)] = True
@@ -272,7 +282,9 @@ def _filter(raw: RawFiles, meta: dict[int, dict[str, str]], users: np.ndarray, i
     return tuple(c[keep] for c in columns)
 
 
-def convert_amazon_raw(raw_dir: str | Path, category: str, out_dir: str | Path, user_k: int = 5, item_k: int = 5) -> Path:
+def convert_amazon_raw(
+    raw_dir: str | Path, category: str, out_dir: str | Path, user_k: int = 5, item_k: int = 5
+) -> Path:
     """Convert one category's raw files into ``out_dir`` in LC-Rec format (skipped when already up to date).
 
     Writes ``<Category>.inter/.item/.review.json``, ``<Category>.item2id``/``.user2id`` (``original_id<TAB>idx``)
@@ -286,10 +298,18 @@ def convert_amazon_raw(raw_dir: str | Path, category: str, out_dir: str | Path, 
         raise ValueError(f"user_k and item_k must be >= 1, got {user_k}, {item_k}")
     raw = find_raw_files(raw_dir, category, required=True)
     out_dir = Path(out_dir)
-    expected = {"converter": CONVERTER_VERSION, "category": category, "raw_sha256": sha256_files([raw.reviews, raw.meta]),
-                "user_k": user_k, "item_k": item_k}
-    outputs = [*(lcrec_paths(out_dir, category)[k] for k in ("inter", "item", "review")),
-               out_dir / f"{category}.item2id", out_dir / f"{category}.user2id"]
+    expected = {
+        "converter": CONVERTER_VERSION,
+        "category": category,
+        "raw_sha256": sha256_files([raw.reviews, raw.meta]),
+        "user_k": user_k,
+        "item_k": item_k,
+    }
+    outputs = [
+        *(lcrec_paths(out_dir, category)[k] for k in ("inter", "item", "review")),
+        out_dir / f"{category}.item2id",
+        out_dir / f"{category}.user2id",
+    ]
     if _is_current(out_dir, expected, outputs):
         log.info("%s: up to date with %s, not reconverting", out_dir, raw.reviews.name)
         return out_dir
@@ -313,8 +333,10 @@ def convert_amazon_raw(raw_dir: str | Path, category: str, out_dir: str | Path, 
     _write_ids(out_dir / f"{category}.item2id", [item_names[c] for c in item_by_id.tolist()])
     _write_ids(out_dir / f"{category}.user2id", [user_names[c] for c in user_by_id.tolist()])
     if lcrec_paths(out_dir, category)["index"].is_file():
-        log.warning("%s: item codes predate this conversion and may not match the new item ids; regenerate them.",
-                    lcrec_paths(out_dir, category)["index"])
+        log.warning(
+            "%s: item codes predate this conversion and may not match the new item ids; regenerate them.",
+            lcrec_paths(out_dir, category)["index"],
+        )
     counts = {"users": len(user_by_id), "items": len(item_by_id), "interactions": len(flat)}
     write_manifest(out_dir, {**expected, "raw_files": [raw.reviews.name, raw.meta.name], "counts": counts})
     log.info("%s: converted %s -> %s %s", category, raw.reviews.name, out_dir, counts)

@@ -29,7 +29,7 @@ import torch
 from datamodules.errors import ArtifactError
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 MANIFEST_NAME = "manifest.json"
 

@@ -194,8 +194,12 @@ class RecDataModule(L.LightningDataModule):
             repeats = np.unique(rows[items == catalogue.items[index.target_pos][rows]]).size
             if repeats:
                 log.warning(
-                    "%s: %d %s targets also occur earlier in the user's history (history masking scores them as misses; "
-                    "set model `mask_history: false` to rank them).", catalogue.name, repeats, stage
+                    "%s: %d %s targets also occur earlier in the user's history (history masking scores them as "
+                    "misses; "
+                    "set model `mask_history: false` to rank them).",
+                    catalogue.name,
+                    repeats,
+                    stage,
                 )
 
     # ---------------------------------------------------------------------------------------- loaders

@@ -165,14 +165,20 @@ def _int_key(path: Path, key: str, what: str) -> int:
     try:
         return int(key)
     except (TypeError, ValueError):
-        raise DataFormatError(f'{path}: key "{key}" is not an integer {what} index; keys must be "0", "1", ...') from None
+        raise DataFormatError(
+            f'{path}: key "{key}" is not an integer {what} index; keys must be "0", "1", ...'
+        ) from None
 
 
 def _parse_interactions(path: Path, raw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not isinstance(raw, dict):
-        raise DataFormatError(f'{path}: expected a JSON object {{"<user_idx>": [item_idx, ...]}}, got {type(raw).__name__}.')
+        raise DataFormatError(
+            f'{path}: expected a JSON object {{"<user_idx>": [item_idx, ...]}}, got {type(raw).__name__}.'
+        )
     if not raw:
-        raise DataFormatError(f"{path}: the dataset is empty (no users). Point `data.init_args.data_dir` at a non-empty dataset.")
+        raise DataFormatError(
+            f"{path}: the dataset is empty (no users). Point `data.init_args.data_dir` at a non-empty dataset."
+        )
     keyed = sorted(((_int_key(path, key, "user"), key) for key in raw), key=lambda pair: pair[0])
     user_ids = np.fromiter((user for user, _ in keyed), dtype=np.int64, count=len(keyed))
     lengths = np.empty(len(keyed), dtype=np.int64)
@@ -223,7 +229,9 @@ def load_lcrec(data_dir: str | Path, name: str, min_length: int = MIN_SEQUENCE_L
         num_items = max(item_text) + 1 if item_text else 0
         if len(item_text) != num_items:
             missing = sorted(set(range(num_items)) - set(item_text))[:5]
-            raise DataFormatError(f"{paths['item']}: item indices must be dense 0..N-1; missing {missing}. Re-index the items.")
+            raise DataFormatError(
+                f"{paths['item']}: item indices must be dense 0..N-1; missing {missing}. Re-index the items."
+            )
         bound_source = f"{paths['item'].name} defines {num_items} items"
     else:
         num_items = int(items.max()) + 1 if len(items) else 0
@@ -239,7 +247,7 @@ def load_lcrec(data_dir: str | Path, name: str, min_length: int = MIN_SEQUENCE_L
     short = np.flatnonzero(lengths < min_length)
     if len(short):
         raise DataFormatError(
-            f'{paths["inter"]}: {len(short)} user(s) have fewer than {min_length} interactions (first: user '
+            f"{paths['inter']}: {len(short)} user(s) have fewer than {min_length} interactions (first: user "
             f'"{user_ids[short[0]]}" with {int(lengths[short[0]])}); leave-last-out needs a history item, a '
             "validation and a test target. Filter them out (k-core) before training."
         )
@@ -276,11 +284,19 @@ def write_lcrec(
 ) -> dict[str, Path]:
     """Write a dataset in LC-Rec format (each file atomically). Returns the written paths."""
     paths = lcrec_paths(out_dir, name)
-    written = {"inter": atomic_write_json(paths["inter"], {str(user): list(map(int, seq)) for user, seq in sequences.items()}, indent=None)}
+    written = {
+        "inter": atomic_write_json(
+            paths["inter"], {str(user): list(map(int, seq)) for user, seq in sequences.items()}, indent=None
+        )
+    }
     if item_text is not None:
-        written["item"] = atomic_write_json(paths["item"], {str(item): text for item, text in item_text.items()}, indent=None)
+        written["item"] = atomic_write_json(
+            paths["item"], {str(item): text for item, text in item_text.items()}, indent=None
+        )
     if reviews is not None:
         written["review"] = atomic_write_json(
-            paths["review"], {str(user): {str(item): text for item, text in by_item.items()} for user, by_item in reviews.items()}, indent=None
+            paths["review"],
+            {str(user): {str(item): text for item, text in by_item.items()} for user, by_item in reviews.items()},
+            indent=None,
         )
     return written

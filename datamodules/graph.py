@@ -39,7 +39,9 @@ def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, n
     np.power(degree, -0.5, out=inv_sqrt, where=degree > 0)
     values = (inv_sqrt[rows] * inv_sqrt[cols]).astype(np.float32)
     indices = torch.from_numpy(np.stack([rows, cols]))
-    return torch.sparse_coo_tensor(indices, torch.from_numpy(values), (num_nodes, num_nodes), check_invariants=True).coalesce()
+    return torch.sparse_coo_tensor(
+        indices, torch.from_numpy(values), (num_nodes, num_nodes), check_invariants=True
+    ).coalesce()
 
 
 class TrainTriples(Dataset):
@@ -137,7 +139,18 @@ class GraphDataModule(SequenceDataModule):
         seed: int = 42,
         num_negatives: int = 1,
     ) -> None:
-        super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(
+            data_dir,
+            dataset,
+            source,
+            processed_dir,
+            synthetic,
+            max_history,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+        )
         require(num_negatives >= 1, "data.init_args.num_negatives", ">= 1", num_negatives)
         self.num_negatives = num_negatives
         self.adjacency: torch.Tensor | None = None
@@ -146,7 +159,9 @@ class GraphDataModule(SequenceDataModule):
         super().setup(stage)  # catalogue, split and the sequence view's val/test datasets
         if self.adjacency is None:
             self._build_graph()
-        self.datasets["train"] = TrainTriples(self.train_users, self.train_items, self.catalogue.num_items, self.num_negatives, self.seed)
+        self.datasets["train"] = TrainTriples(
+            self.train_users, self.train_items, self.catalogue.num_items, self.num_negatives, self.seed
+        )
 
     def _build_graph(self) -> None:
         catalogue = self.catalogue
@@ -159,7 +174,8 @@ class GraphDataModule(SequenceDataModule):
         degree = np.bincount(self.train_users, minlength=num_users)
         if (degree >= num_items).any():
             raise ValueError(
-                f"{catalogue.name}: {int((degree >= num_items).sum())} users interacted with every item in training, so no "
+                f"{catalogue.name}: {int((degree >= num_items).sum())} users interacted with every item in training, "
+                "so no "
                 "negative item can be sampled for them. Remove them from the dataset."
             )
         self.adjacency = normalized_adjacency(self.train_users, self.train_items, num_users, num_items)
@@ -167,7 +183,11 @@ class GraphDataModule(SequenceDataModule):
         log.info(
             "%s graph: %d users, %d items, %d training edges; %d isolated items (no training interaction: only "
             "validation/test targets; they receive no graph messages)",
-            catalogue.name, num_users, num_items, keys.size, self.isolated_items.size,
+            catalogue.name,
+            num_users,
+            num_items,
+            keys.size,
+            self.isolated_items.size,
         )
 
     def train_dataloader(self) -> DataLoader:

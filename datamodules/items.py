@@ -37,7 +37,9 @@ def read_matrix(path: Path) -> torch.Tensor:
     if isinstance(value, dict):  # {"item_embeddings": tensor} / {"embeddings": tensor}
         tensors = [value[key] for key in ("item_embeddings", "embeddings", "weight") if key in value]
         if not tensors:
-            raise DataFormatError(f"{path}: a dict without an 'item_embeddings' or 'embeddings' tensor (keys: {sorted(value)}).")
+            raise DataFormatError(
+                f"{path}: a dict without an 'item_embeddings' or 'embeddings' tensor (keys: {sorted(value)})."
+            )
         value = tensors[0]
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
@@ -77,8 +79,12 @@ def load_item_embeddings(source: str | Path, catalogue: Catalogue) -> tuple[torc
     """
     path = Path(source)
     if path.is_dir():
-        artifact = read_artifact(path, KIND, {"dataset": catalogue.fingerprint()}, fix=(
-            f"this run uses {catalogue.name}: export the embeddings from a model trained on this dataset"))
+        artifact = read_artifact(
+            path,
+            KIND,
+            {"dataset": catalogue.fingerprint()},
+            fix=(f"this run uses {catalogue.name}: export the embeddings from a model trained on this dataset"),
+        )
         manifest = artifact.manifest
         file = artifact.file(manifest.get("file", EMBEDDING_FILE))
         digest = manifest["files"][file.name]
@@ -104,7 +110,12 @@ class ItemSamples(Dataset):
 
     def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         rows_t = torch.as_tensor(rows, dtype=torch.long)
-        return {"item": rows_t + self.first_id, "embedding": self.embeddings[rows_t], "llm_embedding": self.llm[rows_t], "has_text": self.has_text[rows_t]}
+        return {
+            "item": rows_t + self.first_id,
+            "embedding": self.embeddings[rows_t],
+            "llm_embedding": self.llm[rows_t],
+            "has_text": self.has_text[rows_t],
+        }
 
 
 class ItemDataModule(RecDataModule):
@@ -155,7 +166,18 @@ class ItemDataModule(RecDataModule):
         text_fields: list[str] | None = None,
         cold_start_embeddings: str | None = None,
     ) -> None:
-        super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(
+            data_dir,
+            dataset,
+            source,
+            processed_dir,
+            synthetic,
+            max_history,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+        )
         self.embeddings = embeddings
         self.llm_path = llm_path
         self.llm_cache_dir = llm_cache_dir
@@ -175,28 +197,47 @@ class ItemDataModule(RecDataModule):
         n = catalogue.num_items
         texts = item_texts(catalogue.item_text, n, self.text_fields)
         if self.llm_path is not None and any(texts):
-            cache = Path(self.llm_cache_dir) if self.llm_cache_dir else Path("artifacts") / "llm_embeddings" / catalogue.name
-            self.llm_embeddings, self.has_text = compute_llm_embeddings(self.llm_path, texts, cache, self.llm_batch_size, self.llm_max_tokens)
+            cache = (
+                Path(self.llm_cache_dir)
+                if self.llm_cache_dir
+                else Path("artifacts") / "llm_embeddings" / catalogue.name
+            )
+            self.llm_embeddings, self.has_text = compute_llm_embeddings(
+                self.llm_path, texts, cache, self.llm_batch_size, self.llm_max_tokens
+            )
         else:
             if self.llm_path is not None:
                 log.warning("%s has no item text; LLM embeddings are skipped (every item lacks text)", catalogue.name)
             self.llm_embeddings, self.has_text = torch.zeros(n, 0), torch.zeros(n, dtype=torch.bool)
         without = n - int(self.has_text.sum())
         if self.llm_path is not None and without:
-            log.info("%s: %d of %d items have no title/description; they are excluded from the LLM alignment loss", catalogue.name, without, n)
+            log.info(
+                "%s: %d of %d items have no title/description; they are excluded from the LLM alignment loss",
+                catalogue.name,
+                without,
+                n,
+            )
         if self.cold_start_embeddings is not None:
             path = Path(self.cold_start_embeddings)
             if not path.is_file():
-                raise FileNotFoundError(f"cold_start_embeddings {path} not found (a [num_new_items, dim] .pt/.npy file).")
+                raise FileNotFoundError(
+                    f"cold_start_embeddings {path} not found (a [num_new_items, dim] .pt/.npy file)."
+                )
             self.cold_start = check_embeddings(read_matrix(path), None, str(path))
             if self.cold_start.shape[1] != self.item_embeddings.shape[1]:
                 raise DataFormatError(
-                    f"{path}: dim {self.cold_start.shape[1]} != the catalogue embeddings' dim {self.item_embeddings.shape[1]}."
+                    f"{path}: dim {self.cold_start.shape[1]} != the catalogue embeddings' dim "
+                    f"{self.item_embeddings.shape[1]}."
                 )
         self.datasets = {"items": ItemSamples(self.item_embeddings, self.llm_embeddings, self.has_text)}
         if self.cold_start is not None:
             m = self.cold_start.shape[0]
-            self.datasets["cold_start"] = ItemSamples(self.cold_start, torch.zeros(m, self.llm_embeddings.shape[1]), torch.zeros(m, dtype=torch.bool), first_id=n)
+            self.datasets["cold_start"] = ItemSamples(
+                self.cold_start,
+                torch.zeros(m, self.llm_embeddings.shape[1]),
+                torch.zeros(m, dtype=torch.bool),
+                first_id=n,
+            )
 
     @property
     def llm_dim(self) -> int:
@@ -209,4 +250,6 @@ class ItemDataModule(RecDataModule):
         return self._loader(self.datasets["items"], self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets.get("cold_start", self.datasets["items"]), self.eval_batch_size, shuffle=False)
+        return self._loader(
+            self.datasets.get("cold_start", self.datasets["items"]), self.eval_batch_size, shuffle=False
+        )

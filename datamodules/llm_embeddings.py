@@ -99,7 +99,9 @@ def _fingerprint(path: Path) -> list:
 
 
 @torch.no_grad()
-def mean_token_embeddings(texts: list[str], tokenizer, weight: torch.Tensor, batch_size: int, max_tokens: int) -> torch.Tensor:
+def mean_token_embeddings(
+    texts: list[str], tokenizer, weight: torch.Tensor, batch_size: int, max_tokens: int
+) -> torch.Tensor:
     """``[N, hidden]`` mean input embedding over each text's tokens (zeros for empty texts), in batches."""
     out = torch.zeros(len(texts), weight.shape[1])
     for start in range(0, len(texts), batch_size):
@@ -108,7 +110,9 @@ def mean_token_embeddings(texts: list[str], tokenizer, weight: torch.Tensor, bat
         lengths = torch.tensor([len(row) for row in ids])
         flat = torch.tensor([token for row in ids for token in row], dtype=torch.long)
         if flat.numel() and int(flat.max()) >= weight.shape[0]:
-            raise LLMDirectoryError(f"tokenizer produced id {int(flat.max())} but the embedding matrix has {weight.shape[0]} rows")
+            raise LLMDirectoryError(
+                f"tokenizer produced id {int(flat.max())} but the embedding matrix has {weight.shape[0]} rows"
+            )
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
         # embedding_bag(mean) is the masked mean over ragged token lists without padding; empty bags give zeros
         out[start : start + len(chunk)] = F.embedding_bag(flat, weight, offsets, mode="mean")
@@ -155,15 +159,23 @@ def compute_llm_embeddings(
     try:
         with ArtifactWriter(cache_dir, KIND) as writer:
             writer.save_torch(CACHE_FILE, {"embeddings": embeddings, "has_text": has_text})
-            writer.commit({
-                **expected,
-                "tokenizer": type(tokenizer).__name__,
-                "tokenizer_vocab_size": len(tokenizer),
-                "embedding_shape": list(weight.shape),
-                "num_items": len(texts),
-                "items_with_text": int(has_text.sum()),
-            })
+            writer.commit(
+                {
+                    **expected,
+                    "tokenizer": type(tokenizer).__name__,
+                    "tokenizer_vocab_size": len(tokenizer),
+                    "embedding_shape": list(weight.shape),
+                    "num_items": len(texts),
+                    "items_with_text": int(has_text.sum()),
+                }
+            )
     except ArtifactError as err:  # another rank or run is writing the same cache: this run keeps its own result
         log.warning("LLM embeddings: not cached (%s)", err)
-    log.info("LLM embeddings: %d items (%d with text) from %s, cached in %s", len(texts), int(has_text.sum()), path, cache_dir)
+    log.info(
+        "LLM embeddings: %d items (%d with text) from %s, cached in %s",
+        len(texts),
+        int(has_text.sum()),
+        path,
+        cache_dir,
+    )
     return embeddings, has_text

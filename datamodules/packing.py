@@ -32,7 +32,9 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differs[0]) if len(differs) else width
 
 
-def pack_tree(prompts: list[list[int]], responses: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def pack_tree(
+    prompts: list[list[int]], responses: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Lay out samples (``prompt + response``; put EOS in the response) as one prefix tree.
 
     Args:
@@ -65,7 +67,7 @@ def pack_tree(prompts: list[list[int]], responses: list[list[int]]) -> tuple[np.
         ids.append(tokens)
         positions.append(np.arange(depth, depth + len(tokens)))
         label = np.full(len(tokens), IGNORE, dtype=np.int64)
-        label[len(tokens) - len(response):] = response
+        label[len(tokens) - len(response) :] = response
         labels.append(label)
         paths[i] = np.concatenate([ancestors, columns])
         previous_share, previous = share, i
@@ -78,7 +80,9 @@ def pack_tree(prompts: list[list[int]], responses: list[list[int]]) -> tuple[np.
     return np.concatenate(ids), np.concatenate(positions), np.concatenate(labels), mask
 
 
-def collate_packs(packs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_packs(
+    packs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
     """Right-pad packed rows into ``input_ids``/``position_ids``/``labels [B, T]`` and a mask ``[B, 1, T, T]``.
 
     Padding columns attend to themselves only: a query row with no visible key would make SDPA return NaN,

@@ -23,7 +23,16 @@ from datamodules.errors import require
 from datamodules.item_index import ItemIndex
 from datamodules.negatives import interaction_keys, sample_negatives
 from datamodules.packing import collate_packs, pack_tree
-from datamodules.prompt_templates import HISTORY_SEPARATOR, NEGATIVE, QUERY, SEQUENTIAL, TEXT_KINDS, clean_text, eval_prompt, frame
+from datamodules.prompt_templates import (
+    HISTORY_SEPARATOR,
+    NEGATIVE,
+    QUERY,
+    SEQUENTIAL,
+    TEXT_KINDS,
+    clean_text,
+    eval_prompt,
+    frame,
+)
 from datamodules.split import LeaveLastOutSplit, SampleIndex
 
 log = logging.getLogger(__name__)
@@ -93,8 +102,17 @@ class PromptTasks:
             sample is unchanged.
     """
 
-    def __init__(self, catalogue: Catalogue, split: LeaveLastOutSplit, item_index: ItemIndex, weights: TaskWeights,
-                 negative_ratio: int, max_length: int, seed: int, pack: int = 0) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        split: LeaveLastOutSplit,
+        item_index: ItemIndex,
+        weights: TaskWeights,
+        negative_ratio: int,
+        max_length: int,
+        seed: int,
+        pack: int = 0,
+    ) -> None:
         require(negative_ratio >= 0, "data.init_args.negative_ratio", ">= 0", negative_ratio)
         require(pack >= 0, "data.init_args.pack_prompts", ">= 0 (0 = no packing)", pack)
         self.catalogue, self.split, self.item_index = catalogue, split, item_index
@@ -104,7 +122,11 @@ class PromptTasks:
         self.train_targets = catalogue.items[split.train.target_pos]
         # negatives exclude the training interactions only (no held-out target): see datamodules.negatives
         self.keys = interaction_keys(*split.train_interactions(), catalogue.num_items)
-        if weights.negative > 0 and negative_ratio > 0 and (np.bincount(self.keys // catalogue.num_items) >= catalogue.num_items).any():
+        if (
+            weights.negative > 0
+            and negative_ratio > 0
+            and (np.bincount(self.keys // catalogue.num_items) >= catalogue.num_items).any()
+        ):
             raise ValueError(
                 "a user interacted with every item in training, so no negative item exists; set negative_ratio: 0"
             )
@@ -117,7 +139,10 @@ class PromptTasks:
 
     # ---------------------------------------------------------------------------------------- sources
     def _build_text_pairs(self) -> None:
-        self.texts: dict[str, list[str]] = {"title": [""] * self.catalogue.num_items, "description": [""] * self.catalogue.num_items}
+        self.texts: dict[str, list[str]] = {
+            "title": [""] * self.catalogue.num_items,
+            "description": [""] * self.catalogue.num_items,
+        }
         items, kinds = [], []
         for item, fields in (self.catalogue.item_text or {}).items():
             for kind, (_, prompt_field, response_field) in enumerate(TEXT_KINDS):
@@ -146,7 +171,9 @@ class PromptTasks:
         held_users = np.concatenate([self.split.valid.user, self.split.test.user])
         keys = pairs[:, 0] * num_items + pairs[:, 1]
         # a review of an item the user also has as a held-out target may describe that interaction: leave it out
-        keep = np.isin(keys, train_users * num_items + train_items) & ~np.isin(keys, held_users * num_items + self.catalogue.items[held_out])
+        keep = np.isin(keys, train_users * num_items + train_items) & ~np.isin(
+            keys, held_users * num_items + self.catalogue.items[held_out]
+        )
         texts = list(reviews.values())
         self.query_item = pairs[keep, 1]
         self.query_text = [texts[i] for i in np.flatnonzero(keep)]
@@ -241,8 +268,13 @@ class PromptTasks:
             train = self.split.train
             history = np.minimum(train.target_pos - self.catalogue.offsets[train.user], self.split.max_history)
             behaviour = history * (self.item_index.tokens_per_item + 2)
-            chars = {name: np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) for name, texts in self.texts.items()}
-            field_chars = np.stack([chars[prompt_field or response_field] for _, prompt_field, response_field in TEXT_KINDS])
+            chars = {
+                name: np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+                for name, texts in self.texts.items()
+            }
+            field_chars = np.stack(
+                [chars[prompt_field or response_field] for _, prompt_field, response_field in TEXT_KINDS]
+            )
             text = field_chars[self.text_kind, self.text_item] // 4
             query = np.fromiter(map(len, self.query_text), dtype=np.int64, count=len(self.query_text)) // 4
             self._source_lengths = (behaviour, behaviour, text, query)  # indexed by task id
@@ -255,8 +287,11 @@ class PromptTasks:
         if len(self) == 0:
             return lengths[:0]
         starts, sizes = self.pack_offsets[:-1], np.diff(self.pack_offsets)
-        behaviour = (np.maximum.reduceat(lengths[self.pack_rows], starts) + (sizes - 1) * (self.item_index.tokens_per_item + 2)
-                     + (self.pack_prefixes - 1) * 30)
+        behaviour = (
+            np.maximum.reduceat(lengths[self.pack_rows], starts)
+            + (sizes - 1) * (self.item_index.tokens_per_item + 2)
+            + (self.pack_prefixes - 1) * 30
+        )
         # a text/query pack shares only the frame: its samples' lengths add up
         return np.where(self.pack_prefixes > 0, behaviour, np.add.reduceat(lengths[self.pack_rows], starts))
 
@@ -274,7 +309,9 @@ class PromptTasks:
         histories = self.split.histories(self.split.train, source[behaviour]) if len(behaviour) else None
         for j, row in enumerate(behaviour):
             templates = SEQUENTIAL if task[row] == SEQUENTIAL_TASK else NEGATIVE
-            prompts[row] = frame(templates[template[row] % len(templates)].format(history=self.history_text(histories[j])))
+            prompts[row] = frame(
+                templates[template[row] % len(templates)].format(history=self.history_text(histories[j]))
+            )
         for row in np.flatnonzero(task == TEXT_TASK):
             templates, prompt_field, response_field = TEXT_KINDS[self.text_kind[source[row]]]
             text_of = self.texts[prompt_field or response_field][item[row]]
@@ -292,7 +329,9 @@ class PromptTasks:
         vocab = tokenizer.get_vocab()
         missing = [token for token in self.item_index.vocabulary() if token not in vocab]
         if missing:
-            raise ValueError(f"the tokenizer lacks {len(missing)} code tokens (e.g. {missing[:3]}); add the index's tokens first")
+            raise ValueError(
+                f"the tokenizer lacks {len(missing)} code tokens (e.g. {missing[:3]}); add the index's tokens first"
+            )
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad and an EOS token")
         self.tokenizer = tokenizer
@@ -300,7 +339,9 @@ class PromptTasks:
 
     def _tokenizer(self):
         if self.tokenizer is None:
-            raise RuntimeError("no tokenizer yet: the model hands it over with datamodule.set_tokenizer() in configure_model()")
+            raise RuntimeError(
+                "no tokenizer yet: the model hands it over with datamodule.set_tokenizer() in configure_model()"
+            )
         return self.tokenizer
 
     def train_batch(self, units: np.ndarray) -> dict[str, torch.Tensor]:
@@ -315,19 +356,24 @@ class PromptTasks:
         prompts, responses = self.render(rows)
         prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
         text_rows = [i for i, response in enumerate(responses) if isinstance(response, str)]
-        text_ids = tokenizer([responses[i] for i in text_rows], add_special_tokens=False)["input_ids"] if text_rows else []
+        text_ids = (
+            tokenizer([responses[i] for i in text_rows], add_special_tokens=False)["input_ids"] if text_rows else []
+        )
         response_ids = [None if isinstance(r, str) else self.code_ids[r].tolist() for r in responses]
-        for i, ids in zip(text_rows, text_ids):
+        for i, ids in zip(text_rows, text_ids, strict=False):
             response_ids[i] = ids
         response_ids = [ids + [tokenizer.eos_token_id] for ids in response_ids]
-        fits = np.array([len(p) + len(r) <= self.max_length for p, r in zip(prompt_ids, response_ids)], dtype=bool)
+        fits = np.array(
+            [len(p) + len(r) <= self.max_length for p, r in zip(prompt_ids, response_ids, strict=False)], dtype=bool
+        )
         return prompt_ids, response_ids, self.task[rows], fits
 
     def sample_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``/``attention_mask``/``labels`` (-100 off the response), ``task`` and ``dropped``."""
+        """Right-padded ``input_ids``/``attention_mask``/``labels`` (-100 off the response), ``task`` and "
+        "``dropped``."""
         prompt_ids, response_ids, tasks, fits = self._tokenized(rows)
         keep = np.flatnonzero(fits)
-        lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)], dtype=np.int64)
+        lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=False)], dtype=np.int64)
         width = int(lengths[keep].max()) if len(keep) else 0
         input_ids = torch.full((len(keep), width), self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(keep), width), -100, dtype=torch.long)
@@ -337,22 +383,30 @@ class PromptTasks:
             input_ids[out, : lengths[i]] = torch.tensor(prompt + response)
             labels[out, len(prompt) : lengths[i]] = torch.tensor(response)
             attention[out, : lengths[i]] = 1
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                "task": torch.from_numpy(tasks[keep]), "dropped": torch.from_numpy(np.bincount(tasks[~fits], minlength=len(TASKS)))}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "task": torch.from_numpy(tasks[keep]),
+            "dropped": torch.from_numpy(np.bincount(tasks[~fits], minlength=len(TASKS))),
+        }
 
     def packed_batch(self, packs: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Packs of plan rows as prefix-tree rows: ``input_ids``/``position_ids``/``labels [B, T]``, a boolean
-        ``attention_mask [B, 1, T, T]``, ``task`` of the kept samples and ``dropped`` (see :mod:`datamodules.packing`)."""
+        ``attention_mask [B, 1, T, T]``, ``task`` of the kept samples and ``dropped`` (:mod:`datamodules.packing`)."""
         rows = np.concatenate(packs) if packs else np.zeros(0, dtype=np.int64)
         prompt_ids, response_ids, tasks, fits = self._tokenized(rows)
         bounds = np.cumsum([0] + [len(pack) for pack in packs])
         trees = []
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
             kept = [i for i in range(start, stop) if fits[i]]
             if kept:
                 trees.append(pack_tree([prompt_ids[i] for i in kept], [response_ids[i] for i in kept]))
         batch = collate_packs(trees, self.tokenizer.pad_token_id)
-        batch.update(task=torch.from_numpy(tasks[fits]), dropped=torch.from_numpy(np.bincount(tasks[~fits], minlength=len(TASKS))))
+        batch.update(
+            task=torch.from_numpy(tasks[fits]),
+            dropped=torch.from_numpy(np.bincount(tasks[~fits], minlength=len(TASKS))),
+        )
         return batch
 
     def eval_batch(self, index: SampleIndex, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -360,7 +414,9 @@ class PromptTasks:
         (row, item) pairs ``seen_rows``/``seen_items`` of the user's whole history before the target."""
         tokenizer = self._tokenizer()
         histories = self.split.histories(index, rows)
-        prompt_ids = tokenizer([eval_prompt(self.history_text(row)) for row in histories], add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer([eval_prompt(self.history_text(row)) for row in histories], add_special_tokens=True)[
+            "input_ids"
+        ]
         width = max(len(ids) for ids in prompt_ids)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -368,6 +424,11 @@ class PromptTasks:
             input_ids[out, width - len(ids) :] = torch.tensor(ids)
             attention[out, width - len(ids) :] = 1
         seen_rows, seen_items = self.split.seen_items(index, rows)  # the whole history, for `mask_history`
-        return {"input_ids": input_ids, "attention_mask": attention,
-                "target_item": torch.from_numpy(self.catalogue.items[index.target_pos[rows]]), "user": torch.from_numpy(index.user[rows]),
-                "seen_rows": torch.from_numpy(seen_rows), "seen_items": torch.from_numpy(seen_items)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "target_item": torch.from_numpy(self.catalogue.items[index.target_pos[rows]]),
+            "user": torch.from_numpy(index.user[rows]),
+            "seen_rows": torch.from_numpy(seen_rows),
+            "seen_items": torch.from_numpy(seen_items),
+        }

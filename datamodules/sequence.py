@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import RecDataModule, Source
-from datamodules.synthetic import SyntheticSpec
 from datamodules.split import LeaveLastOutSplit, SampleIndex
+from datamodules.synthetic import SyntheticSpec
 
 
 class SequenceSamples(Dataset):
@@ -45,7 +45,10 @@ class SequenceSamples(Dataset):
         return batch
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        return {key: value[0] if key not in ("seen_rows", "seen_items") else value for key, value in self.__getitems__([row]).items()}
+        return {
+            key: value[0] if key not in ("seen_rows", "seen_items") else value
+            for key, value in self.__getitems__([row]).items()
+        }
 
 
 class CausalWindows(Dataset):
@@ -95,12 +98,27 @@ class SequenceDataModule(RecDataModule):
         seed: int = 42,
         causal_windows: bool = False,
     ) -> None:
-        super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(
+            data_dir,
+            dataset,
+            source,
+            processed_dir,
+            synthetic,
+            max_history,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+        )
         self.causal_windows = causal_windows
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        train = CausalWindows(self.split) if self.causal_windows else SequenceSamples(self.split, self.split.train, with_seen=False)
+        train = (
+            CausalWindows(self.split)
+            if self.causal_windows
+            else SequenceSamples(self.split, self.split.train, with_seen=False)
+        )
         self.datasets = {
             "train": train,
             "valid": SequenceSamples(self.split, self.split.valid, with_seen=True),

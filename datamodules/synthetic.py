@@ -18,9 +18,18 @@ from datamodules.artifacts import manifest_matches, write_manifest
 from datamodules.catalogue import lcrec_paths, write_lcrec
 
 _CATEGORIES = [
-    ("racing", "wheel"), ("puzzle", "cube"), ("strategy", "board"), ("shooter", "controller"),
-    ("fantasy", "saga"), ("sports", "league"), ("retro", "console"), ("horror", "tale"),
-    ("music", "rhythm"), ("kids", "party"), ("space", "odyssey"), ("simulation", "tycoon"),
+    ("racing", "wheel"),
+    ("puzzle", "cube"),
+    ("strategy", "board"),
+    ("shooter", "controller"),
+    ("fantasy", "saga"),
+    ("sports", "league"),
+    ("retro", "console"),
+    ("horror", "tale"),
+    ("music", "rhythm"),
+    ("kids", "party"),
+    ("space", "odyssey"),
+    ("simulation", "tycoon"),
 ]
 _ADJECTIVES = ["Ultimate", "Classic", "Deluxe", "Pro", "Legendary", "Turbo", "Mega", "Super", "Epic", "Mini"]
 
@@ -64,7 +73,9 @@ def generate_sequences(spec: SyntheticSpec) -> tuple[dict[int, list[int]], np.nd
     log_popularity = -1.1 * np.log(rng.permutation(num_items) + 1.0)
     # each item has 3 follow-ups drawn from its own category (sequels, accessories)
     same_cat = [np.flatnonzero(category == c) for c in range(spec.num_categories)]
-    follow_ups = np.stack([rng.choice(same_cat[c], 3) if len(same_cat[c]) else rng.integers(0, num_items, 3) for c in category])
+    follow_ups = np.stack(
+        [rng.choice(same_cat[c], 3) if len(same_cat[c]) else rng.integers(0, num_items, 3) for c in category]
+    )
 
     taste_cats = rng.integers(0, spec.num_categories, (num_users, 3))
     taste_weights = rng.dirichlet(np.full(3, 0.5), num_users)
@@ -82,8 +93,12 @@ def generate_sequences(spec: SyntheticSpec) -> tuple[dict[int, list[int]], np.nd
         if step > 0:
             previous = sequences[:, step - 1]
             boost = np.zeros_like(logits)
-            boost[rows[:, None], follow_ups[previous]] = np.log(spec.follow_up_prob / (1 - spec.follow_up_prob) * num_items / 3)
-            logits = np.logaddexp(logits, boost + logits.mean(axis=1, keepdims=True)) if spec.follow_up_prob > 0 else logits
+            boost[rows[:, None], follow_ups[previous]] = np.log(
+                spec.follow_up_prob / (1 - spec.follow_up_prob) * num_items / 3
+            )
+            logits = (
+                np.logaddexp(logits, boost + logits.mean(axis=1, keepdims=True)) if spec.follow_up_prob > 0 else logits
+            )
         logits[seen] = -np.inf
         choice = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
         active = step < lengths

@@ -24,9 +24,38 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = np.array(["good", "great", "fine", "works", "broke", "cheap", "soft", "smell", "skin", "color", "size", "fit",
-                  "love", "hate", "return", "again", "quality", "price", "small", "large", "daily", "gift", "nice",
-                  "bad", "okay", "would", "buy", "recommend"])
+WORDS = np.array(
+    [
+        "good",
+        "great",
+        "fine",
+        "works",
+        "broke",
+        "cheap",
+        "soft",
+        "smell",
+        "skin",
+        "color",
+        "size",
+        "fit",
+        "love",
+        "hate",
+        "return",
+        "again",
+        "quality",
+        "price",
+        "small",
+        "large",
+        "daily",
+        "gift",
+        "nice",
+        "bad",
+        "okay",
+        "would",
+        "buy",
+        "recommend",
+    ]
+)
 OUTPUTS = ("inter.json", "item.json", "review.json", "item2id", "user2id")
 
 
@@ -50,29 +79,77 @@ def generate(directory: Path, rows: int, seed: int = 0) -> None:
     users = rng.choice(num_users, rows, p=_power_law(num_users, 0.7))  # long-tailed activity and popularity
     items = rng.permutation(num_items)[rng.choice(num_items, rows, p=_power_law(num_items, 0.9))]
     times = 1_500_000_000_000 + rng.integers(0, 10**11, rows)
-    with gzip.open(directory / "Bench.jsonl.gz", "wt", compresslevel=1) as new, \
-            gzip.open(directory / "Bench.json.gz", "wt", compresslevel=1) as old:
-        for user, item, ms in zip(users.tolist(), items.tolist(), times.tolist()):
+    with (
+        gzip.open(directory / "Bench.jsonl.gz", "wt", compresslevel=1) as new,
+        gzip.open(directory / "Bench.json.gz", "wt", compresslevel=1) as old,
+    ):
+        for user, item, ms in zip(users.tolist(), items.tolist(), times.tolist(), strict=False):
             title, text = _sentence(rng, 1, 5), _sentence(rng, 5, 60)
             if rng.random() < 0.2:  # markup as in real reviews: these take the slower Python cleaning path
                 text += "<br /><br />Smells &amp; feels fine"
             user_id, asin = f"AG{user:012d}", f"B{item:09d}"
-            new.write(json.dumps({"rating": 5.0, "title": title, "text": text, "images": [], "asin": asin,
-                                  "parent_asin": asin, "user_id": user_id, "timestamp": ms, "helpful_vote": 0,
-                                  "verified_purchase": True}) + "\n")
-            old.write(json.dumps({"overall": 5.0, "verified": True, "reviewTime": "", "reviewerID": user_id,
-                                  "asin": asin, "summary": title, "reviewText": text, "unixReviewTime": ms}) + "\n")
-    with gzip.open(directory / "meta_Bench.jsonl.gz", "wt", compresslevel=1) as new, \
-            gzip.open(directory / "meta_Bench.json.gz", "wt", compresslevel=1) as old:
+            new.write(
+                json.dumps(
+                    {
+                        "rating": 5.0,
+                        "title": title,
+                        "text": text,
+                        "images": [],
+                        "asin": asin,
+                        "parent_asin": asin,
+                        "user_id": user_id,
+                        "timestamp": ms,
+                        "helpful_vote": 0,
+                        "verified_purchase": True,
+                    }
+                )
+                + "\n"
+            )
+            old.write(
+                json.dumps(
+                    {
+                        "overall": 5.0,
+                        "verified": True,
+                        "reviewTime": "",
+                        "reviewerID": user_id,
+                        "asin": asin,
+                        "summary": title,
+                        "reviewText": text,
+                        "unixReviewTime": ms,
+                    }
+                )
+                + "\n"
+            )
+    with (
+        gzip.open(directory / "meta_Bench.jsonl.gz", "wt", compresslevel=1) as new,
+        gzip.open(directory / "meta_Bench.json.gz", "wt", compresslevel=1) as old,
+    ):
         for item in range(num_items):
             if item % 50 == 7:  # some items have no metadata
                 continue
             title, description, store = _sentence(rng, 2, 8), [_sentence(rng, 10, 40)], f"Store {item % 97}"
             asin = f"B{item:09d}"
-            new.write(json.dumps({"main_category": "Bench", "title": title, "features": [], "description": description,
-                                  "store": store, "categories": ["Bench"], "details": {}, "parent_asin": asin}) + "\n")
-            old.write(json.dumps({"asin": asin, "title": title, "description": description, "brand": store,
-                                  "category": ["Bench"]}) + "\n")
+            new.write(
+                json.dumps(
+                    {
+                        "main_category": "Bench",
+                        "title": title,
+                        "features": [],
+                        "description": description,
+                        "store": store,
+                        "categories": ["Bench"],
+                        "details": {},
+                        "parent_asin": asin,
+                    }
+                )
+                + "\n"
+            )
+            old.write(
+                json.dumps(
+                    {"asin": asin, "title": title, "description": description, "brand": store, "category": ["Bench"]}
+                )
+                + "\n"
+            )
     done.touch()
 
 
@@ -114,18 +191,35 @@ def main() -> None:
     for kind in ("2023", "2018"):
         out = directory / f"out{kind}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        command = [sys.executable, __file__, "--child", kind, "--rows", str(args.rows), "--dir", str(args.dir),
-                   "--out", str(out), "--memory-limit", args.memory_limit,
-                   *(["--threads", str(args.threads)] if args.threads else [])]
-        done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--rows",
+            str(args.rows),
+            "--dir",
+            str(args.dir),
+            "--out",
+            str(out),
+            "--memory-limit",
+            args.memory_limit,
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ]
+        done = subprocess.run(
+            command, check=True, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         counts = json.loads((out / "manifest.json").read_text())["counts"]
         seconds, cpu = results[kind]["seconds"], results[kind]["cpu_seconds"]
-        print(f"{kind} converter: {seconds:.1f}s wall ({cpu:.1f}s CPU), {args.rows / seconds:,.0f} rows/s, "
-              f"peak RSS {results[kind]['peak_rss_mib']:,.0f} MiB -> {counts}")
-    same = all((directory / "out2023" / f"Bench.{name}").read_bytes() == (directory / "out2018" / f"Bench.{name}")
-               .read_bytes() for name in OUTPUTS)
+        print(
+            f"{kind} converter: {seconds:.1f}s wall ({cpu:.1f}s CPU), {args.rows / seconds:,.0f} rows/s, "
+            f"peak RSS {results[kind]['peak_rss_mib']:,.0f} MiB -> {counts}"
+        )
+    same = all(
+        (directory / "out2023" / f"Bench.{name}").read_bytes() == (directory / "out2018" / f"Bench.{name}").read_bytes()
+        for name in OUTPUTS
+    )
     print(f"speed-up {results['2018']['seconds'] / results['2023']['seconds']:.1f}x; identical outputs: {same}")
 
 

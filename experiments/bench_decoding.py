@@ -109,7 +109,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_histories(data_dir: Path, index: dict[str, list[str]], count: int, max_history: int = 20) -> tuple[list[str], list[list[int]]]:
+def load_histories(
+    data_dir: Path, index: dict[str, list[str]], count: int, max_history: int = 20
+) -> tuple[list[str], list[list[int]]]:
     """Prompts of the first ``count`` users (by user index): their last ``max_history`` items before the test item,
     and each user's whole history before it (what ``mask_history`` excludes)."""
     inter = json.loads((data_dir / "Games.inter.json").read_text())
@@ -132,15 +134,23 @@ def build(args: argparse.Namespace):
     colliding = sum(n for n in shared.values() if n > 1)
     trie = CodeTrie.from_index(index, tokenizer, dedupe=True)
     print(
-        f"index: {len(index)} items; {colliding} items share {sum(n > 1 for n in shared.values())} code tuples. The trie "
+        f"index: {len(index)} items; {colliding} items share {sum(n > 1 for n in shared.values())} code tuples. The "
+        "trie "
         f"keeps the first (lowest id) item per tuple and drops {len(index) - trie.num_items} colliding items -> "
         f"{trie.num_items} items, {trie.num_states} prefix states, next_state table {tuple(trie.next_state.shape)}"
     )
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     device = torch.device(args.device)
     model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, args.dtype)).eval()
@@ -160,44 +170,84 @@ def run(args: argparse.Namespace) -> None:
     tokenizer, trie, model, prompts, seen, codes = build(args)
     device = next(model.parameters()).device
     bs, beams = args.batch_size, args.num_beams
-    batches = [tokenizer(prompts[i : i + bs], return_tensors="pt", padding=True).to(device) for i in range(0, len(prompts), bs)]
+    batches = [
+        tokenizer(prompts[i : i + bs], return_tensors="pt", padding=True).to(device) for i in range(0, len(prompts), bs)
+    ]
     prefix_fns: dict[int, object] = {}  # dict tries built once per prompt length, outside the timed region
     clock: dict[str, float] = {}
 
     def unconstrained(batch):
-        return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             processor=Identity())
+        return generate_topk(
+            model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams, processor=Identity()
+        )
 
     def ours(batch, timed: bool):
         processor = TrieLogitsProcessor(trie, batch["input_ids"].shape[1])
-        return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             processor=Timed(processor, clock, "ours") if timed else processor)
+        return generate_topk(
+            model,
+            tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            trie,
+            beams,
+            beams,
+            processor=Timed(processor, clock, "ours") if timed else processor,
+        )
 
     def ours_masked(batch, start: int):
         """``mask_history``: the users' histories excluded inside the search (timed processor)."""
         users = seen[start : start + batch["input_ids"].shape[0]]
         rows = torch.tensor([row for row, items in enumerate(users) for _ in items], device=device)
         items = torch.tensor([item for items in users for item in items], device=device)
-        processor = TrieLogitsProcessor(trie, batch["input_ids"].shape[1], blocked=trie.blocked_nodes(rows, items, len(users)))
-        out, _ = generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                               processor=Timed(processor, clock, "masked"))
+        processor = TrieLogitsProcessor(
+            trie, batch["input_ids"].shape[1], blocked=trie.blocked_nodes(rows, items, len(users))
+        )
+        out, _ = generate_topk(
+            model,
+            tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            trie,
+            beams,
+            beams,
+            processor=Timed(processor, clock, "masked"),
+        )
         return sum(len(set(out[row].tolist()) & set(history)) for row, history in enumerate(users))
 
     def full_vocabulary(batch, renormalize: bool):
-        return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             renormalize=renormalize, code_view=False)
+        return generate_topk(
+            model,
+            tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            trie,
+            beams,
+            beams,
+            renormalize=renormalize,
+            code_view=False,
+        )
 
     def code_view(batch, renormalize: bool):
-        return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             renormalize=renormalize, code_view=True)
+        return generate_topk(
+            model,
+            tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            trie,
+            beams,
+            beams,
+            renormalize=renormalize,
+            code_view=True,
+        )
 
     def dict_trie(batch):
         plen = batch["input_ids"].shape[1]
         if plen not in prefix_fns:
             prefix_fns[plen] = dict_trie_prefix_fn(codes, plen, tokenizer.eos_token_id)
         processor = Timed(PrefixConstrainedLogitsProcessor(prefix_fns[plen], beams), clock, "dict")
-        return generate_topk(model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams,
-                             processor=processor)
+        return generate_topk(
+            model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, beams, beams, processor=processor
+        )
 
     def timed(key: str, fn, *fn_args):
         sync(device)
@@ -231,7 +281,9 @@ def run(args: argparse.Namespace) -> None:
             view_same[renormalize] += int((full_items == view_items).all(dim=1).sum())
     clock["view_users"] = sum(batch["input_ids"].shape[0] for batch in view_batches)
     clock["view_same"], clock["view_same_renormalized"] = view_same[False], view_same[True]
-    seen_returned = sum(ours_masked(batch, n * bs) for n, batch in enumerate(batches[: max(1, args.masked_histories // bs)]))
+    seen_returned = sum(
+        ours_masked(batch, n * bs) for n, batch in enumerate(batches[: max(1, args.masked_histories // bs)])
+    )
     clock["seen_returned"] = seen_returned
     single = prompts[: args.batch1_histories or len(prompts)]
     for prompt in single:
@@ -248,30 +300,49 @@ def report(args, clock: dict[str, float], users: int, users_b1: int, same: int, 
     rows = [
         ("unconstrained generate, total s", f"{clock['e2e_unconstrained']:.3f}"),
         ("constrained (ours) end-to-end, total s", f"{clock['e2e_constrained']:.3f}"),
-        ("our processor __call__, total s", f"{clock['ours']:.4f}  ({1e3 * clock['ours'] / clock['ours_calls']:.3f} ms/call)"),
-        ("dict trie PrefixConstrained __call__, total s", f"{clock['dict']:.4f}  ({1e3 * clock['dict'] / clock['dict_calls']:.3f} ms/call)"),
+        (
+            "our processor __call__, total s",
+            f"{clock['ours']:.4f}  ({1e3 * clock['ours'] / clock['ours_calls']:.3f} ms/call)",
+        ),
+        (
+            "dict trie PrefixConstrained __call__, total s",
+            f"{clock['dict']:.4f}  ({1e3 * clock['dict'] / clock['dict_calls']:.3f} ms/call)",
+        ),
         (f"throughput batch {args.batch_size}, users/s", f"{throughput:.2f}  ({users} users)"),
         ("throughput batch 1, users/s", f"{throughput_b1:.2f}  ({users_b1} users)"),
         ("valid items among returned", f"{valid}/{total}"),
         ("users with identical top-K (ours vs dict trie)", f"{same}/{users}"),
-        ("our processor with mask_history exclusion", f"{1e3 * clock['masked'] / clock['masked_calls']:.3f} ms/call; "
-                                                       f"seen items returned: {int(clock['seen_returned'])}"),
+        (
+            "our processor with mask_history exclusion",
+            f"{1e3 * clock['masked'] / clock['masked_calls']:.3f} ms/call; "
+            f"seen items returned: {int(clock['seen_returned'])}",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
-    print(f"\ndevice={args.device} dtype={args.dtype} threads={torch.get_num_threads()} histories={users} "
-          f"batch={args.batch_size} beams={args.num_beams} shared prompt cache={not args.no_share_prompt}")
+    print(
+        f"\ndevice={args.device} dtype={args.dtype} threads={torch.get_num_threads()} histories={users} "
+        f"batch={args.batch_size} beams={args.num_beams} shared prompt cache={not args.no_share_prompt}"
+    )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    print(f"(a) constrained / unconstrained time   = {ratio_a:.3f}  target <= 1.10  {'PASS' if ratio_a <= 1.10 else 'FAIL'}")
-    print(f"(b) our processor / dict-trie processor = {ratio_b:.3f}  target <= 0.25  {'PASS' if ratio_b <= 0.25 else 'FAIL'}")
+    print(
+        f"(a) constrained / unconstrained time   = {ratio_a:.3f}  target <= 1.10  "
+        f"{'PASS' if ratio_a <= 1.10 else 'FAIL'}"
+    )
+    print(
+        f"(b) our processor / dict-trie processor = {ratio_b:.3f}  target <= 0.25  "
+        f"{'PASS' if ratio_b <= 0.25 else 'FAIL'}"
+    )
     print(f"(c) throughput batch {args.batch_size} / batch 1     = {throughput / throughput_b1:.2f}x")
     per_call = (clock["masked"] / clock["masked_calls"]) / (clock["ours"] / clock["ours_calls"])
     print(f"(d) processor with / without history exclusion, per call = {per_call:.2f}")
     users_v = int(clock["view_users"])
     for suffix, label in (("", "model log-probs"), ("_renormalized", "renormalized")):
-        print(f"(e) code view / full vocabulary, {label:15s} = {clock['view' + suffix] / clock['full' + suffix]:.3f}  "
-              f"({clock['view' + suffix]:.2f} s vs {clock['full' + suffix]:.2f} s; identical top-K for "
-              f"{int(clock['view_same' + suffix])}/{users_v} users)")
+        print(
+            f"(e) code view / full vocabulary, {label:15s} = {clock['view' + suffix] / clock['full' + suffix]:.3f}  "
+            f"({clock['view' + suffix]:.2f} s vs {clock['full' + suffix]:.2f} s; identical top-K for "
+            f"{int(clock['view_same' + suffix])}/{users_v} users)"
+        )
 
 
 def main() -> None:
@@ -282,11 +353,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch1-histories", type=int, default=0, help="histories for the batch-1 run (0: all)")
-    parser.add_argument("--masked-histories", type=int, default=64, help="histories decoded again with mask_history exclusion")
-    parser.add_argument("--view-histories", type=int, default=64, help="histories decoded with and without the code view")
+    parser.add_argument(
+        "--masked-histories", type=int, default=64, help="histories decoded again with mask_history exclusion"
+    )
+    parser.add_argument(
+        "--view-histories", type=int, default=64, help="histories decoded with and without the code view"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-share-prompt", action="store_true", help="plain generate: encode each prompt once per beam")
+    parser.add_argument(
+        "--no-share-prompt", action="store_true", help="plain generate: encode each prompt once per beam"
+    )
     args = parser.parse_args()
     with unshared_prompts() if args.no_share_prompt else contextlib.nullcontext():
         run(args)

@@ -96,9 +96,15 @@ class StepTimer(L.Callback):
 def run_variant(configs: list[str], overrides: list[str], warmup: int, steps: int, profile: int) -> dict:
     args = [arg for config in configs for arg in ("--config", config)]
     args += [
-        f"--trainer.max_steps={warmup + steps + profile}", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--trainer.default_root_dir=runs/bench_sft", "--test_after_fit=false",
+        f"--trainer.max_steps={warmup + steps + profile}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.callbacks=[]",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.default_root_dir=runs/bench_sft",
+        "--test_after_fit=false",
         *overrides,
     ]
     cli = build_cli(args, run=False)
@@ -134,10 +140,15 @@ def main() -> None:
         results.append(result)
         print("BENCH_SFT " + json.dumps(result), flush=True)
     base = results[0]["prompts_per_s"]  # work done: packing changes the tokens a prompt costs
-    print(f"{'variant':58s} {'s/step':>8s} {'prompts/s':>10s} {'tokens/s':>10s} {'padding':>8s} {'peak GiB':>9s} {'x first':>8s}")
+    print(
+        f"{'variant':58s} {'s/step':>8s} {'prompts/s':>10s} {'tokens/s':>10s} {'padding':>8s} {'peak GiB':>9s} "
+        f"{'x first':>8s}"
+    )
     for r in results:
-        print(f"{r['variant'][:58]:58s} {r['s_per_step']:8.3f} {r['prompts_per_s']:10.1f} {r['tokens_per_s']:10.0f} "
-              f"{r['padding']:8.1%} {r['peak_gib']:9.2f} {r['prompts_per_s'] / base:8.2f}")
+        print(
+            f"{r['variant'][:58]:58s} {r['s_per_step']:8.3f} {r['prompts_per_s']:10.1f} {r['tokens_per_s']:10.0f} "
+            f"{r['padding']:8.1%} {r['peak_gib']:9.2f} {r['prompts_per_s'] / base:8.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 def count(dataset: str, pack: int, batch_size: int, batches: int) -> tuple[int, float, float]:
     """Samples, real tokens per sample and padded columns per sample over the first ``batches`` batches."""
     data = SHARED / "data" / dataset
-    module = PromptDataModule(data_dir=str(data), dataset=dataset, index=str(data / f"{dataset}.index.json"),
-                              dedupe_collisions=True, negative_ratio=3, max_length=2048, batch_size=batch_size,
-                              pack_prompts=pack, seed=0)
+    module = PromptDataModule(
+        data_dir=str(data),
+        dataset=dataset,
+        index=str(data / f"{dataset}.index.json"),
+        dedupe_collisions=True,
+        negative_ratio=3,
+        max_length=2048,
+        batch_size=batch_size,
+        pack_prompts=pack,
+        seed=0,
+    )
     module.setup("fit")
     tokenizer = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "llama2"))
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
@@ -48,8 +56,10 @@ def main() -> None:
     args = parser.parse_args()
     for pack, batch_size in ((0, 32), (1, 8), (4, 2)):  # ~32 samples a step each
         samples, real, padded = count(args.dataset, pack, batch_size, args.batches)
-        print(f"{args.dataset} pack_prompts={pack} batch={batch_size}: {samples} samples, "
-              f"{real:.1f} tokens and {padded:.1f} padded columns per sample")
+        print(
+            f"{args.dataset} pack_prompts={pack} batch={batch_size}: {samples} samples, "
+            f"{real:.1f} tokens and {padded:.1f} padded columns per sample"
+        )
 
 
 if __name__ == "__main__":

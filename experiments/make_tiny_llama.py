@@ -17,8 +17,16 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 
-def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int, layers: int, heads: int, seed: int, intermediate: int | None = None,
-                    tie_embeddings: bool = False) -> Path:
+def make_tiny_llama(
+    out: Path,
+    tokenizer_dir: Path,
+    hidden: int,
+    layers: int,
+    heads: int,
+    seed: int,
+    intermediate: int | None = None,
+    tie_embeddings: bool = False,
+) -> Path:
     """Save a seeded ``LlamaForCausalLM`` (vocabulary = the tokenizer's) and the tokenizer into ``out``.
 
     ``tie_embeddings`` shares the input embedding matrix with the LM head. The Industrial run keeps them apart: a
@@ -27,14 +35,20 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int, layers: int, he
     2's codes do not change. An existing ``out`` is kept when its shape matches the request and refused otherwise:
     stage 2's codes are aligned to that model's input embeddings.
     """
-    wanted = {"hidden_size": hidden, "intermediate_size": intermediate or int(hidden * 8 / 3 + 0.5), "num_hidden_layers": layers,
-              "num_attention_heads": heads, "tie_word_embeddings": tie_embeddings}
+    wanted = {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate or int(hidden * 8 / 3 + 0.5),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "tie_word_embeddings": tie_embeddings,
+    }
     if (out / "config.json").is_file():
         existing = json.loads((out / "config.json").read_text())
         differ = {key: (existing.get(key), value) for key, value in wanted.items() if existing.get(key) != value}
         if differ:
             raise SystemExit(
-                f"{out / 'config.json'} was written with other settings ({', '.join(f'{k}: {a} there, {b} asked' for k, (a, b) in differ.items())}); "
+                f"{out / 'config.json'} was written with other settings "
+                f"({', '.join(f'{k}: {a} there, {b} asked' for k, (a, b) in differ.items())}); "
                 f"delete {out} (and the stage-1/2 artifacts aligned to it) to rebuild, or pass matching options"
             )
         print(f"{out} exists with these settings; delete it to rebuild")
@@ -63,12 +77,27 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 8/3 x hidden, Llama's ratio)")
+    parser.add_argument(
+        "--intermediate", type=int, default=None, help="MLP width (default: 8/3 x hidden, Llama's ratio)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=False,
-                        help="share the input embedding matrix with the LM head (default: a separate LM head)")
+    parser.add_argument(
+        "--tie-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="share the input embedding matrix with the LM head (default: a separate LM head)",
+    )
     args = parser.parse_args()
-    make_tiny_llama(args.out, args.tokenizer, args.hidden, args.layers, args.heads, args.seed, args.intermediate, args.tie_embeddings)
+    make_tiny_llama(
+        args.out,
+        args.tokenizer,
+        args.hidden,
+        args.layers,
+        args.heads,
+        args.seed,
+        args.intermediate,
+        args.tie_embeddings,
+    )
 
 
 if __name__ == "__main__":

@@ -23,13 +23,20 @@ class CheckpointMismatchError(SemConvError):
     """A checkpoint trained on a different dataset (or catalogue size) than the one configured."""
 
 
-def check_dataset_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any] | None, what: str = "checkpoint") -> None:
+def check_dataset_fingerprint(
+    saved: dict[str, Any] | None, current: dict[str, Any] | None, what: str = "checkpoint"
+) -> None:
     """Refuse a checkpoint whose dataset fingerprint (name, content hash, sizes) differs from the configured data."""
     if saved is None or current is None or saved == current:
         return
-    differing = ", ".join(f"{key}: {saved.get(key)!r} vs {current.get(key)!r}" for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key))
+    differing = ", ".join(
+        f"{key}: {saved.get(key)!r} vs {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    )
     raise CheckpointMismatchError(
-        f"{what} was trained on dataset {saved.get('name')} but the configured data is {current.get('name')} ({differing}). "
+        f"{what} was trained on dataset {saved.get('name')} but the configured data is {current.get('name')} "
+        f"({differing}). "
         "Use the checkpoint of this dataset or change `data`."
     )
 
@@ -39,7 +46,9 @@ def log_topk_metrics(module: L.LightningModule, metric: TopKMetrics, prefix: str
     values = metric.compute()
     # The values are already global; sync_dist=True averages identical numbers (one tiny all-reduce per epoch)
     # and keeps Lightning from warning that epoch-level values were logged unsynced under DDP / DeepSpeed.
-    module.log_dict({f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val", sync_dist=True)
+    module.log_dict(
+        {f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val", sync_dist=True
+    )
     metric.reset()
 
 
@@ -77,7 +86,9 @@ class IDRecommender(L.LightningModule):
         datamodule = self.trainer.datamodule
         catalogue = getattr(datamodule, "catalogue", None)
         if catalogue is None:
-            raise RuntimeError(f"{type(self).__name__} needs a datamodule with a catalogue (datamodules.RecDataModule).")
+            raise RuntimeError(
+                f"{type(self).__name__} needs a datamodule with a catalogue (datamodules.RecDataModule)."
+            )
         self.num_items = catalogue.num_items
         self.dataset_fingerprint = catalogue.fingerprint()
         self.attach_data(datamodule)
@@ -155,7 +166,9 @@ class CountingRecommender(IDRecommender):
         super().__init__(mask_history=mask_history, top_k=top_k)  # the optimiser settings go unused
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise RuntimeError(f"{type(self).__name__} has nothing to train: run `lightning test` with its config instead of `fit`.")
+        raise RuntimeError(
+            f"{type(self).__name__} has nothing to train: run `lightning test` with its config instead of `fit`."
+        )
 
     def configure_optimizers(self) -> None:
         return None

@@ -83,7 +83,9 @@ class BERT4Rec(IDRecommender):
         self.position_embedding = nn.Embedding(hp.max_history + 1, hp.hidden_size)
         self.embedding_norm = nn.LayerNorm(hp.hidden_size)
         self.embedding_dropout = nn.Dropout(hp.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(hp.hidden_size, hp.num_heads, hp.dropout) for _ in range(hp.num_layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(hp.hidden_size, hp.num_heads, hp.dropout) for _ in range(hp.num_layers)
+        )
         self.final_norm = nn.LayerNorm(hp.hidden_size)
         # BERT's prediction head: a transform before the tied output embedding
         self.head = nn.Sequential(nn.Linear(hp.hidden_size, hp.hidden_size), nn.GELU(), nn.LayerNorm(hp.hidden_size))
@@ -94,11 +96,14 @@ class BERT4Rec(IDRecommender):
             self.item_embedding.weight[num_items].zero_()
 
     def encode_all(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Bidirectional states ``[B, T, H]`` of left-padded tokens (items, pad, ``[MASK]``), ``T <= max_history + 1``."""
+        """Bidirectional states ``[B, T, H]`` of left-padded tokens (items, pad, ``[MASK]``), ``T <= max_history + "
+        "1``."""
         length = tokens.shape[1]
         positions_total = self.hparams.max_history + 1
         if length > positions_total:
-            raise ValueError(f"sequence length {length} exceeds BERT4Rec's {positions_total} positions (max_history + 1)")
+            raise ValueError(
+                f"sequence length {length} exceeds BERT4Rec's {positions_total} positions (max_history + 1)"
+            )
         is_token = tokens != self.pad_token
         # right-aligned positions: the last slot (the [MASK] at prediction) always has the same position
         positions = torch.arange(positions_total - length, positions_total, device=tokens.device)

@@ -54,8 +54,12 @@ class SemConvCLI(LightningCLI):
         model = self.config[subcommand]["model"]
         for key in sorted({match.group(1) for arg in self._command_line if (match := _MODEL_FLAG.match(arg))}):
             if key in given.init_args and model.init_args.get(key) != given.init_args[key]:
-                log.warning("--model.init_args.%s=%r from the command line replaces the checkpoint's %r",
-                            key, given.init_args[key], model.init_args.get(key))
+                log.warning(
+                    "--model.init_args.%s=%r from the command line replaces the checkpoint's %r",
+                    key,
+                    given.init_args[key],
+                    model.init_args.get(key),
+                )
                 model.init_args[key] = given.init_args[key]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -77,7 +81,8 @@ class SemConvCLI(LightningCLI):
             # DeepSpeed cannot load a ZeRO-3 checkpoint into the optimizer-less engine that `test` builds
             # (AttributeError '_restore_from_bit16_weights', deepspeedai/DeepSpeed#7272; seen with 0.19.8).
             rank_zero_warn(
-                "DeepSpeed ZeRO-3: testing the weights fit ended with, not the best checkpoint (DeepSpeed cannot reload "
+                "DeepSpeed ZeRO-3: testing the weights fit ended with, not the best checkpoint (DeepSpeed cannot "
+                "reload "
                 "a ZeRO-3 checkpoint for test). To test the best one, consolidate it with lightning.pytorch.utilities."
                 "deepspeed.convert_zero_checkpoint_to_fp32_state_dict and run `test --ckpt_path <file>` with "
                 "--trainer.strategy.init_args.load_full_weights true."

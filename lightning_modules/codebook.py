@@ -100,16 +100,21 @@ class AlignmentTokenizer(L.LightningModule):
         if hp.codebook_size > catalogue.num_items:
             raise ValueError(
                 f"codebook_size {hp.codebook_size} is larger than the number of items ({catalogue.num_items} in "
-                f"{catalogue.name}): most codes could never be used. Set `model.init_args.codebook_size` <= {catalogue.num_items}."
+                f"{catalogue.name}): most codes could never be used. Set `model.init_args.codebook_size` <= "
+                f"{catalogue.num_items}."
             )
         if hp.llm_alignment_weight > 0:  # also at predict: the checkpoint holds the LLM projection
             if datamodule.llm_dim == 0 or not bool(datamodule.has_text.any()):
                 raise ValueError(
-                    f"llm_alignment_weight={hp.llm_alignment_weight} needs LLM embeddings, but {catalogue.name} has no item "
+                    f"llm_alignment_weight={hp.llm_alignment_weight} needs LLM embeddings, but {catalogue.name} has "
+                    "no item "
                     "text or `data.init_args.llm_path` is not set. Set llm_path to a local HF model directory, or set "
                     "`model.init_args.llm_alignment_weight: 0` (the paper's w/o LA)."
                 )
-        self.dims = {"embedding": int(datamodule.item_embeddings.shape[1]), "llm": datamodule.llm_dim if hp.llm_alignment_weight > 0 else 0}
+        self.dims = {
+            "embedding": int(datamodule.item_embeddings.shape[1]),
+            "llm": datamodule.llm_dim if hp.llm_alignment_weight > 0 else 0,
+        }
         self.dataset_fingerprint = catalogue.fingerprint()
         self._llm_mean = datamodule.llm_embeddings[datamodule.has_text].mean(0) if self.dims["llm"] else None
         self._input_scale = datamodule.item_embeddings.pow(2).sum(1).mean().rsqrt().clamp(max=1e8)
@@ -121,8 +126,16 @@ class AlignmentTokenizer(L.LightningModule):
             raise RuntimeError("configure_model() before setup(): the embedding size is unknown.")
         hp, dim = self.hparams, self.dims["embedding"]
         if hp.variant == "rqvae":
-            self.quantizer = RQVAE(dim, hp.num_levels, hp.codebook_size, hp.distance, tuple(hp.rqvae_hidden_dims or (128, 64)),
-                                   hp.rqvae_latent_dim, hp.rqvae_beta, hp.reconstruction_weight)
+            self.quantizer = RQVAE(
+                dim,
+                hp.num_levels,
+                hp.codebook_size,
+                hp.distance,
+                tuple(hp.rqvae_hidden_dims or (128, 64)),
+                hp.rqvae_latent_dim,
+                hp.rqvae_beta,
+                hp.reconstruction_weight,
+            )
         elif hp.variant == "residual":
             self.quantizer = ResidualCodebook(dim, hp.num_levels, hp.codebook_size, hp.distance)
         else:
@@ -136,11 +149,14 @@ class AlignmentTokenizer(L.LightningModule):
         checkpoint["dataset_fingerprint"] = self.dataset_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_dataset_fingerprint(checkpoint.get("dataset_fingerprint"), self.dataset_fingerprint, "codebook checkpoint")
+        check_dataset_fingerprint(
+            checkpoint.get("dataset_fingerprint"), self.dataset_fingerprint, "codebook checkpoint"
+        )
 
     # ---------------------------------------------------------------------------------------------- losses
     def llm_cost(self, prefix_sums: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
-        """``1 - cos(W s, e - mean)`` for prefix sums ``[..., d]`` against LLM embeddings broadcastable to ``[..., D]``."""
+        """``1 - cos(W s, e - mean)`` for prefix sums ``[..., d]`` against LLM embeddings broadcastable to ``[..., "
+        "D]``."""
         return 1 - F.cosine_similarity(self.llm_projection(prefix_sums), llm - self.llm_mean, dim=-1, eps=1e-8)
 
     def llm_loss(self, out: Quantized, llm: torch.Tensor, has_text: torch.Tensor) -> torch.Tensor:
@@ -166,12 +182,16 @@ class AlignmentTokenizer(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # runs after the callbacks' hook of the same name, i.e. after KMeansInit had its chance
         if self.global_step == 0 and batch_idx == 0 and not bool(self.quantizer.initialised):
-            log.warning("codebooks are not initialised from data (add callbacks.KMeansInit); training starts from random codes")
+            log.warning(
+                "codebooks are not initialised from data (add callbacks.KMeansInit); training starts from random codes"
+            )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         _, losses = self.losses(batch)
         size = len(batch["item"])
-        self.log_dict({f"train/{name}": value.detach() for name, value in losses.items()}, batch_size=size, prog_bar=True)
+        self.log_dict(
+            {f"train/{name}": value.detach() for name, value in losses.items()}, batch_size=size, prog_bar=True
+        )
         return self.total(losses)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -189,22 +209,34 @@ class AlignmentTokenizer(L.LightningModule):
     @torch.no_grad()
     def encode_items(self, embeddings: torch.Tensor, batch_size: int = 8192) -> Quantized:
         """Codes (and level inputs) of many items, in batches, without gradients."""
-        outs = [self.quantizer(embeddings[i : i + batch_size].to(self.device)) for i in range(0, len(embeddings), batch_size)]
-        cat = lambda name: torch.cat([getattr(out, name).cpu() for out in outs])
+        outs = [
+            self.quantizer(embeddings[i : i + batch_size].to(self.device))
+            for i in range(0, len(embeddings), batch_size)
+        ]
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(out, name).cpu() for out in outs])
+
         return Quantized(cat("codes"), cat("inputs"), cat("chosen"), cat("quantized"), cat("latent"))
 
     def last_level_cost(self, out: Quantized, llm: torch.Tensor | None = None, has_text: torch.Tensor | None = None):
         """``item indices -> [m, K]`` cost of each last-level code (see :func:`code_assignment.last_level_costs`)."""
         use_llm = self.llm_projection is not None and llm is not None and llm.shape[1] > 0
         return last_level_costs(
-            out, self.quantizer.codebooks[-1].detach().cpu(), self.hparams.distance, self.hparams.behaviour_weight,
+            out,
+            self.quantizer.codebooks[-1].detach().cpu(),
+            self.hparams.distance,
+            self.hparams.behaviour_weight,
             projection=self.llm_projection.weight.detach().cpu() if use_llm else None,
             llm_target=(llm - self.llm_mean.cpu()) if use_llm else None,
-            has_text=has_text, llm_weight=self.hparams.llm_alignment_weight,
+            has_text=has_text,
+            llm_weight=self.hparams.llm_alignment_weight,
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         decay = [] if self.llm_projection is None else list(self.llm_projection.parameters())
         rest = [p for p in self.parameters() if all(p is not q for q in decay)]
-        groups = [{"params": rest, "weight_decay": 0.0}] + ([{"params": decay, "weight_decay": self.hparams.weight_decay}] if decay else [])
+        groups = [{"params": rest, "weight_decay": 0.0}] + (
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}] if decay else []
+        )
         return adamw(self._trainer, groups, lr=self.hparams.lr)

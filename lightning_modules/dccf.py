@@ -129,7 +129,9 @@ class DCCF(IDRecommender):
         self.log_dict(parts, batch_size=len(users))
         return loss
 
-    def contrastive_loss(self, views: list[dict[str, torch.Tensor]], users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def contrastive_loss(
+        self, views: list[dict[str, torch.Tensor]], users: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
         """Sum over layers and over (intent, both adaptive views) of InfoNCE against the GNN view, users and items."""
         # one gather per view and layer: each gather's backward allocates a [U+I, dim] zero gradient
         nodes = torch.cat([users, items + self.num_users])

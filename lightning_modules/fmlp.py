@@ -62,7 +62,9 @@ class FilterBlock(nn.Module):
     def __init__(self, hidden: int, max_length: int, dropout: float, ffn_mult: int = 4) -> None:
         super().__init__()
         self.filter = FrequencyFilter(hidden, max_length, dropout)
-        self.ffn = nn.Sequential(nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Linear(ffn_mult * hidden, hidden), nn.Dropout(dropout))
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Linear(ffn_mult * hidden, hidden), nn.Dropout(dropout)
+        )
         self.norm = nn.LayerNorm(hidden)
 
     def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -110,7 +112,9 @@ class FMLPRec(IDRecommender):
         self.position_embedding = nn.Embedding(hp.max_history, hp.hidden_size)
         self.embedding_norm = nn.LayerNorm(hp.hidden_size)
         self.embedding_dropout = nn.Dropout(hp.dropout)
-        self.blocks = nn.ModuleList(FilterBlock(hp.hidden_size, hp.max_history, hp.dropout) for _ in range(hp.num_layers))
+        self.blocks = nn.ModuleList(
+            FilterBlock(hp.hidden_size, hp.max_history, hp.dropout) for _ in range(hp.num_layers)
+        )
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         with torch.no_grad():
@@ -120,7 +124,9 @@ class FMLPRec(IDRecommender):
         """States ``[B, max_history, H]`` of a left-padded history (every position sees the whole sequence),
         or ``[B, 1, H]`` of the last position when ``last_only``."""
         if history.shape[1] != self.hparams.max_history:
-            raise ValueError(f"FMLP-Rec expects histories of length max_history={self.hparams.max_history}, got {history.shape[1]}")
+            raise ValueError(
+                f"FMLP-Rec expects histories of length max_history={self.hparams.max_history}, got {history.shape[1]}"
+            )
         is_item = (history != self.num_items)[..., None]
         x = self.item_embedding(history) + self.position_embedding.weight[None]
         # padding is zeroed before every filter so the global filter only mixes real items

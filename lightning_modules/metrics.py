@@ -22,7 +22,9 @@ def rank_of_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     target_score = scores.gather(1, target[:, None])
     ahead = scores > target_score
-    tied_before = (scores == target_score) & (torch.arange(scores.shape[1], device=scores.device)[None, :] < target[:, None])
+    tied_before = (scores == target_score) & (
+        torch.arange(scores.shape[1], device=scores.device)[None, :] < target[:, None]
+    )
     return (ahead | tied_before).sum(dim=1)
 
 

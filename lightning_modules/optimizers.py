@@ -25,8 +25,13 @@ def offloads_optimizer(trainer: L.Trainer | None) -> bool:
     return offload.get("device", "none") not in ("none", None)
 
 
-def adamw(trainer: L.Trainer | None, groups: Iterable[Any], lr: float, weight_decay: float = 0.0,
-          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def adamw(
+    trainer: L.Trainer | None,
+    groups: Iterable[Any],
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
     """AdamW over ``groups`` (parameters or param-group dicts).
 
     * DeepSpeed with ``offload_optimizer``: ``DeepSpeedCPUAdam`` in AdamW mode. DeepSpeed refuses a torch optimizer
@@ -42,7 +47,11 @@ def adamw(trainer: L.Trainer | None, groups: Iterable[Any], lr: float, weight_de
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, adamw_mode=True)
     params = [p for group in groups for p in (group["params"] if isinstance(group, dict) else [group])]
-    fusable = not _is_deepspeed(trainer) and bool(params) and all(
-        p.device.type in _FUSED_DEVICES and torch.is_floating_point(p) for p in params
+    fusable = (
+        not _is_deepspeed(trainer)
+        and bool(params)
+        and all(p.device.type in _FUSED_DEVICES and torch.is_floating_point(p) for p in params)
     )
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True if fusable else None)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True if fusable else None
+    )

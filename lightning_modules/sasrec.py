@@ -16,8 +16,14 @@ from lightning_modules.base import IDRecommender
 from lightning_modules.components.transformer import TransformerBlock, padding_aware_mask
 
 
-def check_sequence_model(hidden_size: int, num_layers: int, dropout: float, max_history: int, label_smoothing: float,
-                         num_heads: int | None = None) -> None:
+def check_sequence_model(
+    hidden_size: int,
+    num_layers: int,
+    dropout: float,
+    max_history: int,
+    label_smoothing: float,
+    num_heads: int | None = None,
+) -> None:
     """Refuse the sequence models' (SASRec, BERT4Rec, FMLP-Rec) out-of-range settings, naming the field.
 
     Args:
@@ -78,7 +84,9 @@ class SASRec(IDRecommender):
         self.item_embedding = nn.Embedding(num_items + 1, hp.hidden_size, padding_idx=num_items)
         self.position_embedding = nn.Embedding(hp.max_history, hp.hidden_size)
         self.embedding_dropout = nn.Dropout(hp.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(hp.hidden_size, hp.num_heads, hp.dropout) for _ in range(hp.num_layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(hp.hidden_size, hp.num_heads, hp.dropout) for _ in range(hp.num_layers)
+        )
         self.final_norm = nn.LayerNorm(hp.hidden_size)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)

@@ -41,8 +41,14 @@ class TransitionCounts(CountingRecommender):
         top_k: length of predicted lists.
     """
 
-    def __init__(self, last_items: int = 3, index: str | None = None, code_depth: int = 1, mask_history: bool = True,
-                 top_k: int = 20) -> None:
+    def __init__(
+        self,
+        last_items: int = 3,
+        index: str | None = None,
+        code_depth: int = 1,
+        mask_history: bool = True,
+        top_k: int = 20,
+    ) -> None:
         super().__init__(mask_history=mask_history, top_k=top_k)
         if last_items < 1:
             raise ValueError(f"last_items must be >= 1, got {last_items}")
@@ -70,9 +76,15 @@ class TransitionCounts(CountingRecommender):
             share = popularity / np.maximum(group_popularity[group], 1.0)
         num_groups = int(group.max()) + 1
         follows = users[1:] == users[:-1]
-        keys, counts = np.unique(group[items[:-1][follows]] * num_groups + group[items[1:][follows]], return_counts=True)
+        keys, counts = np.unique(
+            group[items[:-1][follows]] * num_groups + group[items[1:][follows]], return_counts=True
+        )
         self._tables = {
-            "group": group, "share": share, "popularity": popularity, "target": keys % num_groups, "count": counts,
+            "group": group,
+            "share": share,
+            "popularity": popularity,
+            "target": keys % num_groups,
+            "count": counts,
             # keys are sorted, so each source group's pairs are one slice: CSR offsets [num_groups + 1]
             "source_offsets": np.searchsorted(keys // num_groups, np.arange(num_groups + 1)),
         }
@@ -103,7 +115,9 @@ class TransitionCounts(CountingRecommender):
         lengths = stop - start
         vote_of_pair = torch.repeat_interleave(torch.arange(len(source), device=history.device), lengths)
         first_of_vote = torch.cumsum(lengths, 0) - lengths
-        pair = start[vote_of_pair] + torch.arange(len(vote_of_pair), device=history.device) - first_of_vote[vote_of_pair]
+        pair = (
+            start[vote_of_pair] + torch.arange(len(vote_of_pair), device=history.device) - first_of_vote[vote_of_pair]
+        )
         scores = torch.zeros(len(history), self.num_groups, device=history.device)
         return scores.index_put_((rows[vote_of_pair], self.pair_target[pair]), self.pair_count[pair], accumulate=True)
 

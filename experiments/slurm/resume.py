@@ -28,8 +28,9 @@ def resume_checkpoint(root: str | Path) -> Path | None:
     if not root.is_dir():
         return None
     candidates = [path for path in root.iterdir() if _HPC.match(path.name)]
-    candidates += [path for path in root.rglob("last*.ckpt")
-                   if _LAST.match(path.name) and path.parent.name == "checkpoints"]
+    candidates += [
+        path for path in root.rglob("last*.ckpt") if _LAST.match(path.name) and path.parent.name == "checkpoints"
+    ]
     return max(candidates, key=lambda path: (path.stat().st_mtime_ns, str(path)), default=None)
 
 

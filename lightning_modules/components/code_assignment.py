@@ -118,7 +118,8 @@ def make_unique(
         # 3. last resort: an extra level numbering the items that still share a full tuple
         if overflow and fixed.any() and fixed_extra is None:
             raise ValueError(
-                f"{len(overflow)} new item(s) fall under a prefix whose last level is full, and the existing index has no "
+                f"{len(overflow)} new item(s) fall under a prefix whose last level is full, and the existing index "
+                "has no "
                 "extra level to tell them apart without renaming existing items. Retrain the codebook with more levels "
                 "or a larger codebook_size."
             )
@@ -145,7 +146,7 @@ def _move_to_free_pairs(codes: torch.Tensor, items: list[int], pair_cost: Callab
     """Give each item (in id order) the cheapest free (level L-1, level L) pair under its first L-2 codes."""
     left = []
     costs = pair_cost(torch.tensor(items, dtype=torch.long))
-    for item, cost in zip(items, costs):  # only the few items whose prefix is full
+    for item, cost in zip(items, costs, strict=False):  # only the few items whose prefix is full
         same = (codes[:, :-2] == codes[item, :-2]).all(1)
         same[item] = False
         taken = torch.zeros(k, k, dtype=torch.bool)
@@ -159,7 +160,7 @@ def _move_to_free_pairs(codes: torch.Tensor, items: list[int], pair_cost: Callab
 
 
 def pair_costs(out: Quantized, books: torch.Tensor, distance: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``items -> [m, K, K]``: ``D(r_{L-1}, a) + D(r_{L-1} - a, b)`` for every code pair (a, b) of the last two levels."""
+    """``items -> [m, K, K]``: ``D(r_{L-1}, a) + D(r_{L-1} - a, b)`` for each code pair (a, b) of the last 2 levels."""
 
     @torch.no_grad()
     def cost(items: torch.Tensor) -> torch.Tensor:

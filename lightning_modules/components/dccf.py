@@ -54,8 +54,8 @@ class _EdgeWeightedSpMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, x, crow, col, reverse):
-        # fp32 (at least) inside: under bf16 autocast x and the gradients arrive in bf16, and the sparse kernels neither mix
-        # dtypes nor all support bf16; autograd casts the returned gradients back to the inputs' dtypes
+        # fp32 (at least) inside: under bf16 autocast x and the gradients arrive in bf16, and the sparse kernels
+        # neither mix dtypes nor all support bf16; autograd casts the returned gradients back to the inputs' dtypes
         dtype = torch.promote_types(torch.promote_types(values.dtype, x.dtype), torch.float32)
         values, x = values.to(dtype), x.to(dtype)
         ctx.save_for_backward(values, x, crow, col, reverse)
@@ -116,7 +116,12 @@ class BipartiteGraph(nn.Module):
         if len(keys) and not torch.equal(keys[order][pos], reverse_keys):
             raise ValueError("adjacency must have a symmetric sparsity pattern (an undirected user-item graph)")
         self.num_nodes = num_nodes
-        for name, tensor in (("crow", crow), ("col", col), ("head", head), ("reverse", order[pos] if len(keys) else pos)):
+        for name, tensor in (
+            ("crow", crow),
+            ("col", col),
+            ("head", head),
+            ("reverse", order[pos] if len(keys) else pos),
+        ):
             self.register_buffer(name, tensor, persistent=False)
         # the graph comes from the datamodule at every setup: keep it out of checkpoints
         self.register_buffer("norm_values", adjacency.values().float(), persistent=False)
@@ -190,8 +195,15 @@ class DCCFEncoder(nn.Module):
         super().__init__()
         self.graph = BipartiteGraph(adjacency)
         if self.graph.num_nodes != num_users + num_items:
-            raise ValueError(f"adjacency has {self.graph.num_nodes} nodes, expected {num_users} users + {num_items} items")
-        self.num_users, self.num_items, self.num_layers, self.augment_norm = num_users, num_items, num_layers, augment_norm
+            raise ValueError(
+                f"adjacency has {self.graph.num_nodes} nodes, expected {num_users} users + {num_items} items"
+            )
+        self.num_users, self.num_items, self.num_layers, self.augment_norm = (
+            num_users,
+            num_items,
+            num_layers,
+            augment_norm,
+        )
         self.user_embedding = nn.Embedding(num_users, dim)
         self.item_embedding = nn.Embedding(num_items, dim)
         nn.init.xavier_normal_(self.user_embedding.weight)
@@ -208,7 +220,8 @@ class DCCFEncoder(nn.Module):
         return torch.cat([self.user_intent(users), self.item_intent(items)])
 
     def forward(self) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """Final node embeddings ``[U+I, dim]`` and, per layer, the four views (``gnn``, ``intent``, ``gnn_aug``, ``intent_aug``)."""
+        """Final node embeddings ``[U+I, dim]`` and, per layer, the four views (``gnn``, ``intent``, ``gnn_aug``, "
+        "``intent_aug``)."""
         layers = [torch.cat([self.user_embedding.weight, self.item_embedding.weight])]
         views = []
         for _ in range(self.num_layers):

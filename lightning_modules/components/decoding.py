@@ -27,7 +27,12 @@ _HF_DEAD_BEAM_SCORE = -1.0e8
 
 
 def beam_generation_config(
-    num_beams: int, num_return_sequences: int, max_new_tokens: int, pad_token_id: int, eos_token_id: int, bos_token_id: int | None
+    num_beams: int,
+    num_return_sequences: int,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    bos_token_id: int | None,
 ) -> GenerationConfig:
     """An explicit, deterministic beam-search config.
 
@@ -100,8 +105,13 @@ def prompt_cache_kwargs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     decoder = model.get_decoder()  # skips the LM head: no [B, P, vocab] logits
-    decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-            use_cache=True, **{cache_keyword(decoder): cache})
+    decoder(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=True,
+        **{cache_keyword(decoder): cache},
+    )
     cache.batch_repeat_interleave(num_beams)
     return {cache_keyword(decoder): cache}
 
@@ -153,7 +163,12 @@ def generate_topk(
     eos = trie.eos_token_id
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else eos
     config = beam_generation_config(
-        num_beams, num_return_sequences, max_new_tokens or code_length + 1, pad, eos, getattr(tokenizer, "bos_token_id", None)
+        num_beams,
+        num_return_sequences,
+        max_new_tokens or code_length + 1,
+        pad,
+        eos,
+        getattr(tokenizer, "bos_token_id", None),
     )
     if trie.device != prompts_input_ids.device:
         raise ValueError(
@@ -164,18 +179,30 @@ def generate_topk(
         raise ValueError("`exclude` needs the built-in trie processor; a custom `processor` cannot apply it")
     blocked = None if exclude is None else trie.blocked_nodes(exclude[0], exclude[1], batch)
     view = build_view(trie, prompts_input_ids, [pad]) if code_view and processor is None else None
-    search_trie, search_ids = (trie, prompts_input_ids) if view is None else (view.trie, view.to_view(prompts_input_ids))
+    search_trie, search_ids = (
+        (trie, prompts_input_ids) if view is None else (view.trie, view.to_view(prompts_input_ids))
+    )
     if view is not None:
         config.pad_token_id, config.eos_token_id, config.bos_token_id = view.id_of(pad), search_trie.eos_token_id, None
     processors = LogitsProcessorList(
-        [processor if processor is not None else TrieLogitsProcessor(search_trie, prompt_len, renormalize=renormalize, blocked=blocked)]
+        [
+            processor
+            if processor is not None
+            else TrieLogitsProcessor(search_trie, prompt_len, renormalize=renormalize, blocked=blocked)
+        ]
     )
     with isolated_generation_config(model), torch.inference_mode():
         # before the view: the prompt in the model's own ids
         cache = prompt_cache_kwargs(model, prompts_input_ids, attention_mask, num_beams)
-        with contextlib.nullcontext() if view is None else vocabulary_view(model, view, exact_normaliser=not renormalize):
+        with (
+            contextlib.nullcontext() if view is None else vocabulary_view(model, view, exact_normaliser=not renormalize)
+        ):
             out = model.generate(
-                input_ids=search_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors, **cache
+                input_ids=search_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=processors,
+                **cache,
             )
     sequences = out.sequences if view is None else view.to_original(out.sequences)
     generated = sequences[:, prompt_len:]
@@ -254,8 +281,15 @@ def beam_eval_batch(
     """
     exclude = (batch["seen_rows"], batch["seen_items"]) if config.mask_history else None
     items, scores = generate_topk(
-        model, tokenizer, batch["input_ids"], batch["attention_mask"], trie, config.num_beams, config.top_k,
-        renormalize=config.renormalize, exclude=exclude,
+        model,
+        tokenizer,
+        batch["input_ids"],
+        batch["attention_mask"],
+        trie,
+        config.num_beams,
+        config.top_k,
+        renormalize=config.renormalize,
+        exclude=exclude,
     )
     target = batch.get("target_item")
     return BeamBatchResult(items, scores, None if target is None else rank_in_list(items, target))

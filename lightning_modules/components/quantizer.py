@@ -139,8 +139,13 @@ class ResidualCodebook(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments (stored with exported codebooks to rebuild the module)."""
-        return {"variant": "residual", "dim": self.dim, "num_levels": self.num_levels,
-                "codebook_size": self.codebook_size, "distance": self.distance}
+        return {
+            "variant": "residual",
+            "dim": self.dim,
+            "num_levels": self.num_levels,
+            "codebook_size": self.codebook_size,
+            "distance": self.distance,
+        }
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.input_scale
@@ -188,7 +193,7 @@ class ResidualCodebook(nn.Module):
 def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     """Linear layers of the given widths with ``activation`` between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(activation())
@@ -225,14 +230,27 @@ class RQVAE(ResidualCodebook):
         reconstruction_weight: float = 1.0,
     ) -> None:
         super().__init__(latent_dim, num_levels, codebook_size, distance)
-        self.input_dim, self.hidden_dims, self.beta, self.reconstruction_weight = dim, tuple(hidden_dims), beta, reconstruction_weight
+        self.input_dim, self.hidden_dims, self.beta, self.reconstruction_weight = (
+            dim,
+            tuple(hidden_dims),
+            beta,
+            reconstruction_weight,
+        )
         self.encoder = mlp([dim, *hidden_dims, latent_dim])
         self.decoder = mlp([latent_dim, *reversed(hidden_dims), dim])
 
     def config(self) -> dict:
-        return {"variant": "rqvae", "dim": self.input_dim, "num_levels": self.num_levels, "codebook_size": self.codebook_size,
-                "distance": self.distance, "hidden_dims": list(self.hidden_dims), "latent_dim": self.dim,
-                "beta": self.beta, "reconstruction_weight": self.reconstruction_weight}
+        return {
+            "variant": "rqvae",
+            "dim": self.input_dim,
+            "num_levels": self.num_levels,
+            "codebook_size": self.codebook_size,
+            "distance": self.distance,
+            "hidden_dims": list(self.hidden_dims),
+            "latent_dim": self.dim,
+            "beta": self.beta,
+            "reconstruction_weight": self.reconstruction_weight,
+        }
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x * self.input_scale)
@@ -247,8 +265,10 @@ class RQVAE(ResidualCodebook):
         # residuals were built from detached codes, so D(r_l, sg(c_l)) trains only the encoder
         commitment = paired_distance(out.inputs, out.chosen.detach(), self.distance).sum(1).mean()
         reconstruction = F.mse_loss(out.reconstruction, x * self.input_scale, reduction="none").sum(-1).mean()
-        return {"behaviour_loss": self.behaviour_loss(out) + self.beta * commitment,
-                "reconstruction_loss": self.reconstruction_weight * reconstruction}
+        return {
+            "behaviour_loss": self.behaviour_loss(out) + self.beta * commitment,
+            "reconstruction_loss": self.reconstruction_weight * reconstruction,
+        }
 
 
 def build_quantizer(variant: str = "residual", **config) -> ResidualCodebook:

@@ -27,14 +27,20 @@ class TransformerBlock(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.ffn_norm = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * hidden, hidden))
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * hidden, hidden)
+        )
         self.residual_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, T, H]``; ``attn_mask``: boolean ``[B, 1, T, T]``, True where attention is allowed."""
         batch, length, hidden = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = (
+            self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        )
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         x = x + self.residual_dropout(self.proj(attended.transpose(1, 2).reshape(batch, length, hidden)))
         return x + self.residual_dropout(self.ffn(self.ffn_norm(x)))
 

@@ -52,24 +52,29 @@ class CodeTrie(nn.Module):
         ValueError: empty index or tuples of different lengths.
     """
 
-    def __init__(self, codes: torch.Tensor | Sequence[Sequence[int]], eos_token_id: int, items: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, codes: torch.Tensor | Sequence[Sequence[int]], eos_token_id: int, items: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         rows = [tuple(int(t) for t in row) for row in (codes.tolist() if isinstance(codes, torch.Tensor) else codes)]
         item_ids = list(range(len(rows))) if items is None else [int(item) for item in items]
         if not rows or len(item_ids) != len(rows):
-            raise ValueError(f"need a non-empty index with one item id per code tuple (got {len(rows)} tuples, {len(item_ids)} ids)")
+            raise ValueError(
+                f"need a non-empty index with one item id per code tuple (got {len(rows)} tuples, {len(item_ids)} ids)"
+            )
         lengths = {len(row) for row in rows}
         if len(lengths) != 1 or 0 in lengths:
             raise ValueError(f"code tuples must all have the same non-zero length, got lengths {sorted(lengths)}")
         owner: dict[tuple[int, ...], int] = {}
         collisions: list[str] = []
-        for item, row in zip(item_ids, rows):
+        for item, row in zip(item_ids, rows, strict=False):
             if row in owner:
                 collisions.append(f"items {owner[row]} and {item} share {list(row)}")
             owner.setdefault(row, item)
         if collisions:
             raise CodeCollisionError(
-                f"{len(collisions)} code collision(s): {'; '.join(collisions[:5])}{' ...' if len(collisions) > 5 else ''}. "
+                f"{len(collisions)} code collision(s): "
+                f"{'; '.join(collisions[:5])}{' ...' if len(collisions) > 5 else ''}. "
                 "Generated codes must identify one item: export a collision-free index, or deduplicate explicitly."
             )
         self.code_length = L = lengths.pop()
@@ -86,7 +91,11 @@ class CodeTrie(nn.Module):
             for prefix in sorted({row[:d] for row in rows}):
                 node_of[prefix] = len(node_of)
         self.num_states = sum(1 for prefix in node_of if len(prefix) < L)
-        edges = [(node_of[prefix[:-1]], slot_of[len(prefix) - 1][prefix[-1]], node) for prefix, node in node_of.items() if prefix]
+        edges = [
+            (node_of[prefix[:-1]], slot_of[len(prefix) - 1][prefix[-1]], node)
+            for prefix, node in node_of.items()
+            if prefix
+        ]
         parent, slot, child = torch.tensor(edges, dtype=torch.long).T
         next_state = torch.full((self.num_states, width), -1, dtype=torch.int32)
         next_state[parent, slot] = child.to(torch.int32)
@@ -106,9 +115,16 @@ class CodeTrie(nn.Module):
         leaf_of_item = torch.full((max(item_ids) + 1,), -1, dtype=torch.long)
         leaf_of_item[torch.tensor(item_ids)] = leaf_rows
         flat_tokens = torch.tensor([token for tokens in level_tokens for token in tokens], dtype=torch.long)
-        tables = {"next_state": next_state, "allowed": next_state >= 0, "path_of_leaf": path_of_leaf,
-                  "items_below": items_below, "leaf_of_item": leaf_of_item, "token_slot": token_slot,
-                  "item_of_leaf": item_of_leaf, "level_token_table": flat_tokens}
+        tables = {
+            "next_state": next_state,
+            "allowed": next_state >= 0,
+            "path_of_leaf": path_of_leaf,
+            "items_below": items_below,
+            "leaf_of_item": leaf_of_item,
+            "token_slot": token_slot,
+            "item_of_leaf": item_of_leaf,
+            "level_token_table": flat_tokens,
+        }
         for name, table in tables.items():
             self.register_buffer(name, table, persistent=False)
         self.level_sizes = [len(tokens) for tokens in level_tokens]
@@ -130,8 +146,8 @@ class CodeTrie(nn.Module):
     @classmethod
     def from_index(
         cls, index: Mapping[int | str, Sequence[str]], tokenizer, eos_token_id: int | None = None, dedupe: bool = False
-    ) -> "CodeTrie":
-        """Build from an LC-Rec ``index.json`` mapping (``{"item": ["<a_1>", ...]}``) and a tokenizer with the code tokens.
+    ) -> CodeTrie:
+        """Build from an LC-Rec ``index.json`` mapping (``{"item": ["<a_1>", ...]}``) and a tokenizer with code tokens.
 
         Args:
             index: item id -> code-token strings.
@@ -143,14 +159,16 @@ class CodeTrie(nn.Module):
         strings = [index[str(item)] if str(item) in index else index[item] for item in items]
         unknown = getattr(tokenizer, "unk_token_id", None)
         codes = []
-        for item, tokens in zip(items, strings):
+        for item, tokens in zip(items, strings, strict=False):
             ids = tokenizer.convert_tokens_to_ids(list(tokens))
             if unknown is not None and unknown in ids:
-                raise ValueError(f"item {item}: code tokens {tokens} are not all in the tokenizer; add them with add_tokens first")
+                raise ValueError(
+                    f"item {item}: code tokens {tokens} are not all in the tokenizer; add them with add_tokens first"
+                )
             codes.append(tuple(ids))
         if dedupe:
             first: dict[tuple[int, ...], int] = {}
-            for item, row in zip(items, codes):
+            for item, row in zip(items, codes, strict=False):
                 first.setdefault(row, item)
             items, codes = list(first.values()), list(first.keys())
         return cls(codes, tokenizer.eos_token_id if eos_token_id is None else eos_token_id, items)
@@ -177,7 +195,7 @@ class CodeTrie(nn.Module):
         return self.items_below.numel()
 
     def blocked_nodes(self, rows: torch.Tensor, items: torch.Tensor, num_prompts: int) -> torch.Tensor:
-        """``[num_prompts, num_nodes]`` bool: node ``n`` is blocked for prompt ``p`` when every item below it is excluded.
+        """``[num_prompts, num_nodes]`` bool: node ``n`` is blocked for prompt ``p`` when all items below are excluded.
 
         Args:
             rows: prompt index of each excluded ``(row, item)`` pair (repeats are fine).
@@ -267,7 +285,13 @@ class TrieLogitsProcessor(LogitsProcessor):
     def _blocked_children(self, child: torch.Tensor) -> torch.Tensor:
         rows, prompts = child.shape[0], self.blocked.shape[0]
         if rows % prompts:
-            raise ValueError(f"{rows} score rows are not a whole number of beams for the {prompts} prompts of `blocked`")
-        if self._prompt_of_row is None or self._prompt_of_row.shape[0] != rows or self._prompt_of_row.device != child.device:
+            raise ValueError(
+                f"{rows} score rows are not a whole number of beams for the {prompts} prompts of `blocked`"
+            )
+        if (
+            self._prompt_of_row is None
+            or self._prompt_of_row.shape[0] != rows
+            or self._prompt_of_row.device != child.device
+        ):
             self._prompt_of_row = torch.arange(rows, device=child.device) // (rows // prompts)
         return self.blocked[self._prompt_of_row[:, None], child.long().clamp(min=0)]
