@@ -67,20 +67,27 @@ TINY_TOKENIZER_TEXT = (
 
 
 def write_tiny_tokenizer(directory: Path) -> Path:
-    """Save a small Llama-like fast tokenizer built in code (byte-level BPE, ~400 tokens) into ``directory``.
+    """Save a small Llama-like fast tokenizer built in code (byte-level BPE, ~600 tokens) into ``directory``.
 
     It has ``<s>``/``</s>``/``<unk>`` and prepends ``<s>`` like Llama's, but no pad token (the LLM module adds one),
-    so tests of the LLM stage run without the real tokenizer in ``../shared``. Byte-level: any text encodes.
+    so tests of the LLM stage run without the real tokenizer in ``../shared``. Byte-level: any text encodes. It is
+    trained on the prompt templates, so their wording takes a few tokens as on Llama-2 and a prompt's length follows
+    its history (what ``PromptTasks.approx_lengths`` assumes); item text falls back to short pieces and bytes.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from datamodules import prompt_templates as templates
+
+    wording = [templates.FRAME, *templates.SEQUENTIAL, *templates.NEGATIVE, *templates.QUERY]
+    wording += [template for group, _, _ in templates.TEXT_KINDS for template in group]
+
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    core.train_from_iterator([TINY_TOKENIZER_TEXT] * 4, trainer=trainer)
+    core.train_from_iterator([TINY_TOKENIZER_TEXT, *wording] * 4, trainer=trainer)  # stops when no pair repeats
     core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                         special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

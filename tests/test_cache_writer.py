@@ -179,10 +179,10 @@ def test_cache_piece_stacks_on_a_stage3_config(capsys):
     assert "store: sqlite:///runs/synthetic/llm/recommendations.sqlite" in printed and "${" not in printed
 
 
-def test_predict_prompts_hold_the_whole_sequence(synthetic_dir, tmp_path):
+def test_predict_prompts_hold_the_whole_sequence(synthetic_dir, tiny_tokenizer, tmp_path):
     """Serving histories end with the test target; evaluation ones stop before it; a user list selects rows."""
     from datamodules.prompts import PromptDataModule
-    from tests.test_prompts_llm import llama_tokenizer, synthetic_codes, write_index
+    from tests.test_prompts_llm import load_tokenizer, synthetic_codes, write_index
 
     index = write_index(tmp_path / "index.json", synthetic_codes())
     users = tmp_path / "users.txt"
@@ -192,9 +192,7 @@ def test_predict_prompts_hold_the_whole_sequence(synthetic_dir, tmp_path):
     data.setup("predict")
     catalogue = data.catalogue
     users.write_text(f"{catalogue.user_ids[7]}\n\n{catalogue.user_ids[2]}\n")
-    tokenizer = llama_tokenizer()
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.add_tokens(data.item_index.vocabulary())
+    tokenizer = load_tokenizer(tiny_tokenizer, data.item_index.vocabulary())
     data.set_tokenizer(tokenizer)
     batch = next(iter(data.predict_dataloader()))
     test_batch = next(iter(data.test_dataloader()))

@@ -23,7 +23,7 @@ from lightning_modules import AlignmentTokenizer
 from lightning_modules.cli import main
 from lightning_modules.components.code_assignment import make_unique
 from lightning_modules.components.quantizer import ResidualCodebook, kmeans
-from tests.conftest import shared_dataset, shared_tokenizer, tiny_run_args
+from tests.conftest import shared_dataset, tiny_run_args
 
 
 
@@ -257,16 +257,17 @@ def test_bad_codebook_settings_are_refused(synthetic_dir, item_embeddings, tmp_p
 
 # -------------------------------------------------------------------------------------------- LLM alignment
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A tiny random Llama (vocab 32000, hidden 32) with the real Llama-2 tokenizer, saved as an HF directory."""
-    tokenizer_dir = shared_tokenizer()
+def tiny_llama(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 32) with the in-code tokenizer, saved as an HF directory."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4)
     LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 

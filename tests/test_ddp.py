@@ -84,9 +84,9 @@ def test_most_popular_ddp_matches_single_process(synthetic_dir, tmp_path):
     assert_same_metrics(metrics(tmp_path / "ddp", "test"), metrics(tmp_path / "single", "test"))
 
 
-def exporter_override(tmp_path: Path, class_path: str, output_dir: Path, *extra: str) -> list[str]:
-    """Replace a config's callbacks with its exporter writing to ``output_dir``, a checkpoint, the writer and the
-    ``extra`` callback class paths."""
+def exporter_override(tmp_path: Path, class_path: str, output_dir: Path, *callbacks: str) -> list[str]:
+    """Replace a config's callbacks with its exporter writing to ``output_dir``, a checkpoint, the writer and
+    ``callbacks`` (class paths, e.g. the LLM's evaluator)."""
     override = tmp_path / "callbacks.yaml"
     override.write_text(
         "trainer:\n  enable_progress_bar: false\n  callbacks:\n"
@@ -94,7 +94,7 @@ def exporter_override(tmp_path: Path, class_path: str, output_dir: Path, *extra:
         "      init_args: {monitor: val/ndcg@10, mode: max}\n"
         "    - class_path: callbacks.MetricsWriter\n"
         f"    - {{class_path: {class_path}, init_args: {{output_dir: '{output_dir}'}}}}\n"
-        + "".join(f"    - class_path: {path}\n" for path in extra)
+        + "".join(f"    - class_path: {callback}\n" for callback in callbacks)
     )
     return ["--config", str(override)]
 

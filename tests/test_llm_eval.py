@@ -9,15 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from datamodules import PromptDataModule, load_lcrec
+from datamodules import PromptDataModule
 from lightning_modules import GenerativeRecommender
 from lightning_modules.cli import main
-from tests.conftest import tiny_run_args
-from tests.test_prompts_llm import TINY_LLAMA, TOKENIZER, _callbacks, require_tokenizer, synthetic_codes, write_index
+from tests.test_prompts_llm import TINY_LLAMA, _callbacks, llm_run_args, synthetic_codes, write_index
 
 
-def tiny_module(synthetic_dir, tmp_path, **model_args) -> tuple[GenerativeRecommender, PromptDataModule]:
-    require_tokenizer()
+def tiny_module(synthetic_dir, tokenizer, tmp_path, **model_args) -> tuple[GenerativeRecommender, PromptDataModule]:
     index = write_index(tmp_path / "index.json", synthetic_codes())
     dm = PromptDataModule(
         data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), eval_batch_size=6
@@ -25,7 +23,7 @@ def tiny_module(synthetic_dir, tmp_path, **model_args) -> tuple[GenerativeRecomm
     dm.setup("test")
     torch.manual_seed(0)
     module = GenerativeRecommender(
-        tokenizer_path=str(TOKENIZER),
+        tokenizer_path=str(tokenizer),
         llama_config=TINY_LLAMA,
         lora=False,
         full_finetune=True,
@@ -40,8 +38,8 @@ def tiny_module(synthetic_dir, tmp_path, **model_args) -> tuple[GenerativeRecomm
     return module, dm
 
 
-def test_predict_step_returns_the_users_top_items_without_their_history(synthetic_dir, tmp_path):
-    module, dm = tiny_module(synthetic_dir, tmp_path, mask_history=True)
+def test_predict_step_returns_the_users_top_items_without_their_history(synthetic_dir, tiny_tokenizer, tmp_path):
+    module, dm = tiny_module(synthetic_dir, tiny_tokenizer, tmp_path, mask_history=True)
     batch = next(iter(dm.predict_dataloader()))
     out = module.predict_step(batch, 0)
     assert set(out) == {"user", "items", "scores"} and torch.equal(out["user"], batch["user"])
@@ -52,7 +50,7 @@ def test_predict_step_returns_the_users_top_items_without_their_history(syntheti
         seen = set(batch["seen_items"][batch["seen_rows"] == row].tolist())
         assert seen and not seen & set(out["items"][row].tolist())
     unmasked = GenerativeRecommender(
-        tokenizer_path=str(TOKENIZER),
+        tokenizer_path=str(tiny_tokenizer),
         llama_config=TINY_LLAMA,
         lora=False,
         full_finetune=True,
@@ -62,10 +60,9 @@ def test_predict_step_returns_the_users_top_items_without_their_history(syntheti
     assert not unmasked.decoding.mask_history and module.decoding.mask_history and module.decoding.num_beams == 12
 
 
-def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synthetic_dir, tmp_path):
+def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synthetic_dir, tiny_tokenizer, tmp_path):
     """``lightning test --ckpt_path`` runs the callback's evaluation again; ``predict`` with the TopKWriter serves
-    the same lists and scores."""
-    require_tokenizer()
+    the lists and scores the checkpoint's weights give the users' predict prompts (their whole sequence)."""
     index = write_index(tmp_path / "index.json", synthetic_codes())
     common = (
         "--data.init_args.index",
@@ -77,10 +74,10 @@ def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synth
     main(
         [
             "fit",
-            *tiny_run_args(
-                "synthetic/llm.yaml",
+            *llm_run_args(
                 synthetic_dir,
                 root,
+                tiny_tokenizer,
                 "--config",
                 str(_callbacks(tmp_path, export)),
                 *common,
@@ -94,17 +91,19 @@ def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synth
     main(
         [
             "test",
-            *tiny_run_args("synthetic/llm.yaml", synthetic_dir, tmp_path / "test", *common),
+            *llm_run_args(synthetic_dir, tmp_path / "test", tiny_tokenizer, *common),
             "--ckpt_path",
             str(checkpoint),
         ]
     )
-    writer = tmp_path / "writer.yaml"
+    writer, users = tmp_path / "writer.yaml", tmp_path / "users.txt"
     writer.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.TopKWriter\n")
+    users.write_text("\n".join(str(user) for user in PREDICT_USERS))
     main(
         [
             "predict",
-            *tiny_run_args("synthetic/llm.yaml", synthetic_dir, tmp_path / "predict", *common, "--config", str(writer)),
+            *llm_run_args(synthetic_dir, tmp_path / "predict", tiny_tokenizer, *common, "--config", str(writer)),
+            f"--data.init_args.predict_users={users}",
             "--ckpt_path",
             str(checkpoint),
         ]
@@ -119,34 +118,51 @@ def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synth
     )
     served = lines(tmp_path / "predict" / "csv" / "version_0" / "top_k.rank0.jsonl")
     assert len(final) == 6 and [line["items"] for line in again] == [line["items"] for line in final]
-    assert [line["scores"] for line in again] == [line["scores"] for line in final] and len(final[0]["items"]) == 20
-    # predict serves every user from the whole sequence (the test target included), not the evaluation history
-    users = load_lcrec(synthetic_dir, "Synthetic").num_users
-    assert len(served) == users and len({line["user"] for line in served}) == users
-    for line in served:
-        assert len(line["items"]) == len(set(line["items"])) == 20
-        assert all(a >= b for a, b in zip(line["scores"], line["scores"][1:], strict=False))
+    assert len(final[0]["items"]) == 20
+    expected = _predict_in_process(checkpoint, synthetic_dir, index, users)
+    assert [line["user"] for line in served] == sorted(PREDICT_USERS)
+    assert [line["items"] for line in served] == expected["items"].tolist()
+    torch.testing.assert_close(torch.tensor([line["scores"] for line in served]), expected["scores"], atol=2e-6, rtol=0)
     tested = json.loads((tmp_path / "test" / "csv" / "version_0" / "test_metrics.json").read_text())["metrics"]
     assert tested == json.loads((fitted / "test_metrics.json").read_text())["metrics"]
 
 
-def test_testing_without_the_evaluation_callback_is_refused():
+PREDICT_USERS = (11, 4, 250)  # synthetic user ids are their catalogue rows
+
+
+def _predict_in_process(checkpoint, synthetic_dir, index, users) -> dict[str, torch.Tensor]:
+    """The checkpoint's module, built by hand, ranking the predict batch of ``users``."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index),
+                          predict_users=str(users))
+    dm.setup("predict")
+    module = GenerativeRecommender(**{k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")})
+    module._trainer = SimpleNamespace(datamodule=dm)
+    module.setup("predict")
+    module.configure_model()
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    with torch.no_grad():
+        return module.predict_step(next(iter(dm.predict_dataloader())), 0)
+
+
+def test_testing_without_the_evaluation_callback_is_refused(tiny_tokenizer):
     from datamodules.errors import ConfigError
 
     module = GenerativeRecommender(
-        tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True
+        tokenizer_path=str(tiny_tokenizer), llama_config=TINY_LLAMA, lora=False, full_finetune=True
     )
     module._trainer = SimpleNamespace(callbacks=[])
     with pytest.raises(ConfigError, match="callbacks.BeamSearchEvaluator"):
         module.on_test_start()
 
 
-def test_ddp_does_not_broadcast_the_trie_tables(synthetic_dir, tmp_path):
+def test_ddp_does_not_broadcast_the_trie_tables(synthetic_dir, tiny_tokenizer, tmp_path):
     """The trie's buffers are identical on every rank; DDP must not re-send them at every training forward."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    module, _ = tiny_module(synthetic_dir, tmp_path)
+    module, _ = tiny_module(synthetic_dir, tiny_tokenizer, tmp_path)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         wrapped = DistributedDataParallel(module)

@@ -16,8 +16,7 @@ from datamodules.prompt_templates import NEGATIVE, SEQUENTIAL
 from datamodules.prompts import LengthGroupedPlan
 from lightning_modules import GenerativeRecommender
 from lightning_modules.cli import main
-from tests.conftest import tiny_run_args
-from tests.test_prompts_llm import TINY_LLAMA, TOKENIZER, _callbacks, llama_tokenizer, require_tokenizer, synthetic_codes, write_index
+from tests.test_prompts_llm import _callbacks, full_model, llm_run_args, load_tokenizer, synthetic_codes, write_index
 
 
 def test_pack_tree_by_hand():
@@ -46,7 +45,6 @@ def test_pack_tree_by_hand():
 @pytest.fixture(scope="module", params=[1, 3], ids=["prefix-packs", "user-packs"])
 def packed_dm(request, synthetic_dir, tmp_path_factory) -> PromptDataModule:
     """Packs of one training prefix (and its negatives), or of up to 3 consecutive prefixes of a user."""
-    require_tokenizer()
     index = write_index(tmp_path_factory.mktemp("index") / "index.json", synthetic_codes())
     dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=3, seed=5,
                           pack_prompts=request.param)
@@ -93,10 +91,9 @@ def test_packs_cover_the_plan_with_aligned_templates(packed_dm):
     assert sorted(sampler) == list(range(len(tasks)))
 
 
-def _module(dm, code_softmax: str, attn_implementation: str = "sdpa") -> GenerativeRecommender:
+def _module(dm, tokenizer, code_softmax: str, attn_implementation: str = "sdpa") -> GenerativeRecommender:
     torch.manual_seed(0)
-    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True,
-                                   code_softmax=code_softmax, attn_implementation=attn_implementation)
+    module = full_model(tokenizer, code_softmax=code_softmax, attn_implementation=attn_implementation)
     module._trainer = SimpleNamespace(datamodule=dm)
     module.setup("fit")
     module.configure_model()
@@ -104,9 +101,9 @@ def _module(dm, code_softmax: str, attn_implementation: str = "sdpa") -> Generat
 
 
 @pytest.mark.parametrize("code_softmax,attn_implementation", [("trie", "sdpa"), ("vocabulary", "sdpa"), ("trie", "eager")])
-def test_packed_loss_and_gradients_equal_unpacked(packed_dm, code_softmax, attn_implementation):
+def test_packed_loss_and_gradients_equal_unpacked(packed_dm, tiny_tokenizer, code_softmax, attn_implementation):
     """The same samples, packed as trees or one per row: the same loss and the same gradients."""
-    module = _module(packed_dm, code_softmax, attn_implementation)
+    module = _module(packed_dm, tiny_tokenizer, code_softmax, attn_implementation)
     tasks = packed_dm.prompts
     first_task = tasks.task[tasks.pack_rows[tasks.pack_offsets[:-1]]]
     units = np.concatenate([np.flatnonzero(first_task == SEQUENTIAL_TASK)[:5], np.flatnonzero(first_task == TEXT_TASK)[:3]])
@@ -114,7 +111,8 @@ def test_packed_loss_and_gradients_equal_unpacked(packed_dm, code_softmax, attn_
     packed, unpacked = tasks.train_batch(units), tasks.sample_batch(rows)
     assert len(packed["input_ids"]) == len(units) and len(unpacked["input_ids"]) == len(rows) == len(packed["task"])
     assert packed["attention_mask"].shape == (len(units), 1, packed["input_ids"].shape[1], packed["input_ids"].shape[1])
-    assert packed["input_ids"].numel() < 0.6 * unpacked["input_ids"].numel()
+    tokens = (packed["input_ids"] != module.tokenizer.pad_token_id).sum()  # shared prefixes are fed once
+    assert tokens < 0.6 * unpacked["attention_mask"].sum()
     assert (packed["labels"] != -100).sum() == (unpacked["labels"] != -100).sum()
     losses, grads = [], []
     for batch in (packed, unpacked):
@@ -128,10 +126,10 @@ def test_packed_loss_and_gradients_equal_unpacked(packed_dm, code_softmax, attn_
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
-def test_packed_samples_over_max_length_are_dropped_and_counted(packed_dm):
+def test_packed_samples_over_max_length_are_dropped_and_counted(packed_dm, tiny_tokenizer):
     """Samples longer than ``max_length`` leave their pack (and a pack left empty leaves the batch), counted by task."""
     tasks = packed_dm.prompts
-    tasks.set_tokenizer(llama_tokenizer_with_codes(packed_dm))
+    tasks.set_tokenizer(load_tokenizer(tiny_tokenizer, packed_dm.item_index.vocabulary()))
     behaviour = np.flatnonzero(tasks.task[tasks.pack_rows[tasks.pack_offsets[:-1]]] == SEQUENTIAL_TASK)[:40]
     units = behaviour[np.argsort(tasks.approx_lengths()[behaviour])[[0, -1]]]  # the shortest and the longest pack
     rows = np.concatenate(tasks.unit_rows(units))
@@ -148,13 +146,6 @@ def test_packed_samples_over_max_length_are_dropped_and_counted(packed_dm):
     assert len(batch["task"]) == int((~too_long).sum()) and (batch["labels"] != -100).sum() == sum(len(r) for r, long in zip(response_ids, too_long) if not long)
 
 
-def llama_tokenizer_with_codes(dm):
-    tokenizer = llama_tokenizer()
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.add_tokens(dm.item_index.vocabulary())
-    return tokenizer
-
-
 def test_flash_attention_cannot_take_a_tree_mask(packed_dm):
     lm = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
     with pytest.raises(ValueError, match="pack_prompts"):
@@ -163,12 +154,12 @@ def test_flash_attention_cannot_take_a_tree_mask(packed_dm):
         GenerativeRecommender._tree_mask(lm, torch.ones(1, 1, 2, 2, dtype=torch.bool))
 
 
-def test_fit_with_packed_prompts_through_the_cli(synthetic_dir, tmp_path):
+def test_fit_with_packed_prompts_through_the_cli(synthetic_dir, tiny_tokenizer, tmp_path):
     """A tiny fit + test through ``lightning`` with packed prompts and history-masked evaluation."""
-    require_tokenizer()
     index = write_index(tmp_path / "index.json", synthetic_codes())
     root = tmp_path / "run"
-    main(["fit", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, root, "--config", str(_callbacks(tmp_path, tmp_path / "llm")),
+    callbacks = _callbacks(tmp_path, tmp_path / "llm")
+    main(["fit", *llm_run_args(synthetic_dir, root, tiny_tokenizer, "--config", str(callbacks),
                                 "--data.init_args.index", str(index), "--data.init_args.pack_prompts=2", "--data.init_args.batch_size=4",
                                 "--data.init_args.eval_max_users=8", "--model.init_args.code_softmax=trie", "--model.init_args.mask_history=true",
                                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1")])
@@ -180,10 +171,10 @@ def test_fit_with_packed_prompts_through_the_cli(synthetic_dir, tmp_path):
     assert any(row.get("test/hr@10") for row in rows)
 
 
-def test_eval_batches_carry_the_whole_history_for_masking(packed_dm):
+def test_eval_batches_carry_the_whole_history_for_masking(packed_dm, tiny_tokenizer):
     """Evaluation prompts cap the history at 20 items; the (row, item) pairs for ``mask_history`` hold all of it."""
     tasks, split = packed_dm.prompts, packed_dm.split
-    tasks.set_tokenizer(llama_tokenizer_with_codes(packed_dm))
+    tasks.set_tokenizer(load_tokenizer(tiny_tokenizer, packed_dm.item_index.vocabulary()))
     rows = np.arange(6)
     batch = tasks.eval_batch(split.test, rows)
     for row in rows:

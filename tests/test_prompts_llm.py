@@ -21,9 +21,8 @@ from datamodules.prompt_tasks import NEGATIVE_TASK, SEQUENTIAL_TASK, TASKS, TEXT
 from datamodules.prompt_templates import NEGATIVE, SEQUENTIAL
 from lightning_modules import GenerativeRecommender
 from lightning_modules.cli import build_cli, main
-from tests.conftest import CONFIGS, REPO, SHARED_TOKENIZER, shared_dataset, shared_tokenizer, tiny_run_args
+from tests.conftest import CONFIGS, REPO, shared_dataset, shared_tokenizer, tiny_run_args
 
-TOKENIZER = SHARED_TOKENIZER
 LC_REC_EVAL = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\nThe user has interacted with items {history} in chronological order. Can you predict the next "
@@ -56,28 +55,48 @@ def write_export(directory: Path, catalogue, codes: np.ndarray | None = None, **
     return directory
 
 
-def require_tokenizer() -> None:
-    shared_tokenizer()
-
-
-def llama_tokenizer():
-    require_tokenizer()
+def load_tokenizer(path: Path, vocabulary: list[str] | None = None):
+    """The tokenizer at ``path``; with ``vocabulary``, prepared as the model does (``<pad>``, then the code tokens)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if vocabulary is not None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        tokenizer.add_tokens(vocabulary)
+    return tokenizer
+
+
+def full_model(tokenizer: Path, **model_args) -> GenerativeRecommender:
+    """A full-fine-tuning tiny Llama module built from scratch with the tokenizer at ``tokenizer``."""
+    return GenerativeRecommender(tokenizer_path=str(tokenizer), llama_config=TINY_LLAMA, lora=False, full_finetune=True,
+                                 **model_args)
+
+
+def llm_run_args(data_dir: Path, root: Path, tokenizer: Path, *extra: str) -> list[str]:
+    """CLI arguments for a tiny run of configs/synthetic/llm.yaml with the tokenizer at ``tokenizer``."""
+    return tiny_run_args("synthetic/llm.yaml", data_dir, root, f"--model.init_args.tokenizer_path={tokenizer}", *extra)
+
+
+def _prompt_dm(synthetic_dir: Path, directory: Path, tokenizer: Path) -> PromptDataModule:
+    """Tiny synthetic prompts (negative ratio 2) with the tokenizer at ``tokenizer`` prepared as the model does."""
+    index = write_index(directory / "index.json", synthetic_codes())
+    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=2, seed=7)
+    dm.setup("fit")
+    dm.set_tokenizer(load_tokenizer(tokenizer, dm.item_index.vocabulary()))
+    return dm
 
 
 @pytest.fixture(scope="module")
-def prompt_dm(synthetic_dir, tmp_path_factory) -> PromptDataModule:
-    """Tiny synthetic prompts (negative ratio 2) with a tokenizer prepared as the model does."""
-    index = write_index(tmp_path_factory.mktemp("index") / "index.json", synthetic_codes())
-    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=2, seed=7)
-    dm.setup("fit")
-    tokenizer = llama_tokenizer()
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.add_tokens(dm.item_index.vocabulary())
-    dm.set_tokenizer(tokenizer)
-    return dm
+def prompt_dm(synthetic_dir, tiny_tokenizer, tmp_path_factory) -> PromptDataModule:
+    """Prompts tokenized by the in-code tokenizer."""
+    return _prompt_dm(synthetic_dir, tmp_path_factory.mktemp("index"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llama2_prompt_dm(synthetic_dir, tmp_path_factory) -> PromptDataModule:
+    """Prompts tokenized by the real Llama-2 tokenizer (SentencePiece), whose prefix-space rules the label masks
+    must survive; skipped without ../shared."""
+    return _prompt_dm(synthetic_dir, tmp_path_factory.mktemp("index"), shared_tokenizer())
 
 
 # ------------------------------------------------------------------------------------------------ item index
@@ -123,7 +142,9 @@ def test_shared_industrial_index_collides_and_dedupes():
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
-def test_every_task_prompt_and_label_mask(prompt_dm):
+@pytest.mark.parametrize("dm", ["prompt_dm", "llama2_prompt_dm"])
+def test_every_task_prompt_and_label_mask(dm, request):
+    prompt_dm = request.getfixturevalue(dm)
     tasks, catalogue = prompt_dm.prompts, prompt_dm.catalogue
     tokenizer = tasks.tokenizer
     for task in range(len(TASKS)):
@@ -159,7 +180,9 @@ def test_every_task_prompt_and_label_mask(prompt_dm):
                 assert tasks.query_text[source] in prompts[j] and responses[j] == item
 
 
-def test_eval_batches_are_lc_rec_prompts(prompt_dm):
+@pytest.mark.parametrize("dm", ["prompt_dm", "llama2_prompt_dm"])
+def test_eval_batches_are_lc_rec_prompts(dm, request):
+    prompt_dm = request.getfixturevalue(dm)
     catalogue, tokenizer = prompt_dm.catalogue, prompt_dm.prompts.tokenizer
     code_text = prompt_dm.prompts.code_text
     for loader, offset in ((prompt_dm.val_dataloader(), 2), (prompt_dm.test_dataloader(), 1)):
@@ -292,59 +315,60 @@ def test_task_weights_and_presets(prompt_dm):
 
 
 # ------------------------------------------------------------------------------------------------------ model
-def test_tokenizer_without_pad_token_gets_one(tmp_path, caplog):
-    require_tokenizer()
-    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True)
+def test_tokenizer_without_pad_token_gets_one(tiny_tokenizer, tmp_path, caplog):
+    vocab_size = len(load_tokenizer(tiny_tokenizer))
+    module = full_model(tiny_tokenizer)
     with caplog.at_level(logging.INFO, logger="lightning_modules.llm"):
         tokenizer = module._load_tokenizer()
-    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == 32000 and module.pad_token_added
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == vocab_size and module.pad_token_added
     assert "no pad token: added <pad>" in caplog.text
     tokenizer.save_pretrained(tmp_path / "with_pad")
     module = GenerativeRecommender(tokenizer_path=str(tmp_path / "with_pad"), llama_config=TINY_LLAMA, lora=False, full_finetune=True)
-    assert module._load_tokenizer().pad_token_id == 32000 and not module.pad_token_added
+    assert module._load_tokenizer().pad_token_id == vocab_size and not module.pad_token_added
     with pytest.raises(ValueError, match="choose one training mode"):
-        GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=True, full_finetune=True)
+        GenerativeRecommender(tokenizer_path=str(tiny_tokenizer), llama_config=TINY_LLAMA, lora=True, full_finetune=True)
 
 
-def test_mlp_code_embedding_init(synthetic_dir, tmp_path):
+def test_mlp_code_embedding_init(synthetic_dir, tiny_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     catalogue = load_lcrec(synthetic_dir, "Synthetic")
     index = load_item_index(write_export(tmp_path / "export", catalogue), catalogue)
-    tokenizer = llama_tokenizer()
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    base_size = len(tokenizer)
     tokenizer.add_tokens(index.vocabulary())
     table = torch.from_numpy(index.level_token_ids(tokenizer.get_vocab()))
     rows = []
     for variant in ("mlp2", "mlp3"):
-        module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_embedding_init=variant)
+        module = full_model(tiny_tokenizer, code_embedding_init=variant)
         module.code_token_ids = table.flatten().tolist()
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA))
         before = model.get_input_embeddings().weight.detach().clone()
         module._init_code_embeddings(model, index, table)
         after = model.get_input_embeddings().weight.detach()
-        assert torch.equal(after[:32000], before[:32000]) and not torch.allclose(after[32000:], before[32000:])
-        assert after[32000:].std() == pytest.approx(before[:32000].std().item(), rel=0.1)
-        rows.append(after[32000:].clone())
+        old, new = slice(None, base_size), slice(base_size, None)
+        assert torch.equal(after[old], before[old]) and not torch.allclose(after[new], before[new])
+        assert after[base_size:].std() == pytest.approx(before[:base_size].std().item(), rel=0.1)
+        rows.append(after[base_size:].clone())
     assert not torch.allclose(rows[0], rows[1])
     bare = load_item_index(tmp_path / "export" / "index.json", catalogue)
     with pytest.raises(ArtifactError, match="bare index without code vectors"):
         module._init_code_embeddings(model, bare, table)
 
 
-def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
+def test_trie_code_softmax_loss_by_hand(synthetic_dir, tiny_tokenizer, tmp_path):
     """``code_softmax: trie``: a code target among its prefix's continuations, code-closing EOS skipped, text over the
     vocabulary."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
 
-    require_tokenizer()
     codes = synthetic_codes()
     index = write_index(tmp_path / "index.json", codes)
     dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=1, seed=3)
     dm.setup("fit")
     torch.manual_seed(0)
-    module = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_softmax="trie")
+    module = full_model(tiny_tokenizer, code_softmax="trie")
     module._trainer = SimpleNamespace(datamodule=dm)
     module.setup("fit")
     module.configure_model()
@@ -387,11 +411,11 @@ def test_trie_code_softmax_loss_by_hand(synthetic_dir, tmp_path):
     torch.testing.assert_close(behaviour_only.detach(), torch.stack(terms[: 3 * 6]).mean(), atol=1e-5, rtol=1e-5)
     assert module.renormalize_codes
     with pytest.raises(ValueError, match="adam_betas"):
-        GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, adam_betas=(0.9, 1.0))
+        full_model(tiny_tokenizer, adam_betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="full_finetune"):
-        GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, code_softmax="trie")
+        GenerativeRecommender(tokenizer_path=str(tiny_tokenizer), llama_config=TINY_LLAMA, code_softmax="trie")
     # ZeRO-3 shards the LM head outside module calls, where the trie loss reads its rows: refused up front
-    zero3 = GenerativeRecommender(tokenizer_path=str(TOKENIZER), llama_config=TINY_LLAMA, lora=False, full_finetune=True, code_softmax="trie")
+    zero3 = full_model(tiny_tokenizer, code_softmax="trie")
     zero3._trainer = SimpleNamespace(datamodule=dm, strategy=SimpleNamespace(zero_stage_3=True))
     zero3.setup("fit")
     with pytest.raises(ValueError, match="ZeRO-3"):
@@ -411,7 +435,7 @@ def _callbacks(tmp_path: Path, export: Path, *extra: str) -> Path:
     return override
 
 
-def test_fit_and_test_on_a_stage2_export(synthetic_dir, tmp_path):
+def test_fit_and_test_on_a_stage2_export(synthetic_dir, tiny_tokenizer, tmp_path):
     """Stage 2 (tiny codebook) -> stage 3 (tiny Llama from scratch, MLP init) through the CLI, then the export."""
     torch.save(torch.randn(120, 16, generator=torch.Generator().manual_seed(0)), tmp_path / "item_embeddings.pt")
     codebook = tmp_path / "codebook"
@@ -421,7 +445,7 @@ def test_fit_and_test_on_a_stage2_export(synthetic_dir, tmp_path):
                                 "--data.init_args.embeddings", str(tmp_path / "item_embeddings.pt"), "--model.init_args.num_levels=3",
                                 "--model.init_args.codebook_size=8", "--trainer.max_epochs=1")])
     root, export = tmp_path / "run", tmp_path / "llm"
-    main(["fit", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, root, "--config", str(_callbacks(tmp_path, export)),
+    main(["fit", *llm_run_args(synthetic_dir, root, tiny_tokenizer, "--config", str(_callbacks(tmp_path, export)),
                                 "--data.init_args.index", str(codebook), "--data.init_args.eval_max_users=8",
                                 "--model.init_args.code_embedding_init=mlp2", "--trainer.max_epochs=2", "--trainer.limit_train_batches=3")])
     record = json.loads((root / "csv" / "version_0" / "test_metrics.json").read_text())
@@ -438,13 +462,13 @@ def test_fit_and_test_on_a_stage2_export(synthetic_dir, tmp_path):
     assert tokenizer.pad_token == "<pad>" and tokenizer.convert_tokens_to_ids("<c_7>") < model.get_input_embeddings().weight.shape[0]
 
 
-def test_ema_weight_averaging_builds_the_model_before_setup(synthetic_dir, tmp_path):
+def test_ema_weight_averaging_builds_the_model_before_setup(synthetic_dir, tiny_tokenizer, tmp_path):
     """Lightning's EMAWeightAveraging calls configure_model() in its setup(), before the module's: it must work, and
     the checkpoint keeps the averaged weights (what validation and test see) next to the live ones."""
     index = write_index(tmp_path / "index.json", synthetic_codes())
     root, export = tmp_path / "run", tmp_path / "llm"
     ema = "    - {class_path: lightning.pytorch.callbacks.EMAWeightAveraging, init_args: {decay: 0.5, use_buffers: false}}\n"
-    main(["fit", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, root, "--config", str(_callbacks(tmp_path, export, ema)),
+    main(["fit", *llm_run_args(synthetic_dir, root, tiny_tokenizer, "--config", str(_callbacks(tmp_path, export, ema)),
                                 "--data.init_args.index", str(index), "--data.init_args.eval_max_users=4",
                                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=4")])
     checkpoint = torch.load(next((root / "csv" / "version_0" / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
@@ -454,16 +478,17 @@ def test_ema_weight_averaging_builds_the_model_before_setup(synthetic_dir, tmp_p
     assert (root / "csv" / "version_0" / "test_metrics.json").is_file()
 
 
-def test_lora_trains_only_adapters_and_code_rows(synthetic_dir, tmp_path):
+def test_lora_trains_only_adapters_and_code_rows(synthetic_dir, tiny_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = llama_tokenizer()
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    base_size = len(tokenizer)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **TINY_LLAMA))
     base.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     index = write_index(tmp_path / "index.json", synthetic_codes())
     root, export = tmp_path / "run", tmp_path / "llm"
-    main(["fit", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, root, "--config", str(_callbacks(tmp_path, export)),
+    main(["fit", *llm_run_args(synthetic_dir, root, tiny_tokenizer, "--config", str(_callbacks(tmp_path, export)),
                                 "--data.init_args.index", str(index), "--data.init_args.eval_max_users=4",
                                 "--model.init_args.model_path", str(tmp_path / "base"), "--model.init_args.llama_config=null",
                                 "--model.init_args.tokenizer_path=null", "--model.init_args.lora=true", "--model.init_args.full_finetune=false",
@@ -475,12 +500,13 @@ def test_lora_trains_only_adapters_and_code_rows(synthetic_dir, tmp_path):
     assert all(group["fused"] for group in checkpoint["optimizer_states"][0]["param_groups"])  # one-kernel AdamW on CPU
     assert (root / "csv" / "version_0" / "test_metrics.json").is_file()  # the stripped checkpoint was tested
     model, tokenizer, manifest = load_exported_llm(export)
-    assert manifest["weights"] == "adapter" and manifest["mode"] == "lora" and manifest["vocab_size"] == len(tokenizer) == 32025
+    assert manifest["weights"] == "adapter" and manifest["mode"] == "lora"
+    assert manifest["vocab_size"] == len(tokenizer) == base_size + 25  # <pad> and 24 codes
     adapter = model.base_model.model.model.embed_tokens.token_adapter
     assert not torch.allclose(adapter.trainable_tokens_delta["default"], adapter.trainable_tokens_original["default"])
     merged = model.merge_and_unload()
-    assert torch.equal(merged.model.embed_tokens.weight[:32000], base.model.embed_tokens.weight)  # original rows never trained
-    assert torch.equal(merged.lm_head.weight[:32000], base.lm_head.weight)
+    assert torch.equal(merged.model.embed_tokens.weight[:base_size], base.model.embed_tokens.weight)  # never trained
+    assert torch.equal(merged.lm_head.weight[:base_size], base.lm_head.weight)
 
 
 def test_negative_ratio_sweep_parses():
@@ -492,10 +518,9 @@ def test_negative_ratio_sweep_parses():
     assert cli.datamodule.negative_ratio == 0 and isinstance(cli.model, GenerativeRecommender)
 
 
-def test_a_dataloader_worker_yields_the_in_process_batches_every_epoch(synthetic_dir, tmp_path):
+def test_a_dataloader_worker_yields_the_in_process_batches_every_epoch(synthetic_dir, tiny_tokenizer, tmp_path):
     """Tokenization may run in a worker (configs/industrial/llm.yaml): the worker must see each epoch's re-drawn
     negatives, templates and subsets (workers do not persist; on_train_epoch_start re-draws before the fork)."""
-    require_tokenizer()
     import lightning as L
 
     class Recorder(L.Callback):
@@ -508,7 +533,8 @@ def test_a_dataloader_worker_yields_the_in_process_batches_every_epoch(synthetic
     index = write_index(tmp_path / "index.json", synthetic_codes())
     runs = {}
     for workers in (0, 1):
-        cli = build_cli([*tiny_run_args("synthetic/llm.yaml", synthetic_dir, tmp_path / f"w{workers}", "--data.init_args.index", str(index),
+        cli = build_cli([*llm_run_args(synthetic_dir, tmp_path / f"w{workers}", tiny_tokenizer,
+                                       "--data.init_args.index", str(index),
                                         f"--data.init_args.num_workers={workers}",
                                         "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
                                         "--trainer.callbacks=[]", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
