@@ -49,11 +49,16 @@ def write_inter(directory: Path, name: str, sequences: dict, item_text: dict | N
 def tiny_run_args(config: str, data_dir: Path, root: Path, *extra: str) -> list[str]:
     """CLI arguments for a fast run of a shipped config on the tiny synthetic dataset."""
     return [
-        "--config", str(CONFIGS / config),
-        "--data.init_args.data_dir", str(data_dir),
-        "--data.init_args.source", "lcrec",
-        "--data.init_args.dataset", "Synthetic",
-        "--trainer.default_root_dir", str(root),
+        "--config",
+        str(CONFIGS / config),
+        "--data.init_args.data_dir",
+        str(data_dir),
+        "--data.init_args.source",
+        "lcrec",
+        "--data.init_args.dataset",
+        "Synthetic",
+        "--trainer.default_root_dir",
+        str(root),
         *extra,
     ]
 
@@ -85,11 +90,16 @@ def write_tiny_tokenizer(directory: Path) -> Path:
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator([TINY_TOKENIZER_TEXT, *wording] * 4, trainer=trainer)  # stops when no pair repeats
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                        special_tokens=[("<s>", 1)])
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(directory)

@@ -24,8 +24,12 @@ from tests.test_amazon_raw import BRUSH, CORE, CREAM, EXPECTED_SEQUENCES, GEL, M
 
 NO_META, NO_TITLE, VICT, WEAKU, CASCU, DUPU = "B0NM", "B0NT", "B0VC", "AW9", "AB8", "AD7"
 EXPECTED_TEXT = {
-    0: {"title": "Rose & Honey Cream", "description": "Soft and rich. Daily use", "brand": "Acme",
-        "categories": "Beauty, Skin & Care"},
+    0: {
+        "title": "Rose & Honey Cream",
+        "description": "Soft and rich. Daily use",
+        "brand": "Acme",
+        "categories": "Beauty, Skin & Care",
+    },
     1: {"title": "Aloe Gel", "description": "Cooling gel", "brand": "", "categories": ""},
     2: {"title": "Brush", "description": "", "brand": "", "categories": ""},
     3: {"title": "Mask", "description": "Clay mask", "brand": "Mud Co", "categories": ""},
@@ -42,8 +46,18 @@ SPECIAL = {  # (user, item) -> (review title, text); the rest say "<user> likes 
 def review(user: str, item: str, time: int, title: str | None = None, text: str | None = None) -> dict:
     """One line of ``<Category>.jsonl`` in the 2023 layout (time in ms)."""
     title, text = SPECIAL.get((user, item), ("", f"{user} likes {item}")) if title is None else (title, text)
-    return {"rating": 5.0, "title": title, "text": text, "images": [], "asin": item + "-V", "parent_asin": item,
-            "user_id": user, "timestamp": time, "helpful_vote": 0, "verified_purchase": True}
+    return {
+        "rating": 5.0,
+        "title": title,
+        "text": text,
+        "images": [],
+        "asin": item + "-V",
+        "parent_asin": item,
+        "user_id": user,
+        "timestamp": time,
+        "helpful_vote": 0,
+        "verified_purchase": True,
+    }
 
 
 def reviews_2023(seed: int = 0) -> list[dict]:
@@ -65,10 +79,21 @@ def reviews_2023(seed: int = 0) -> list[dict]:
 def meta_2023() -> list[dict]:
     details = {"Item Form": "Cream", "Brand": "Ignored"}
     return [
-        {"main_category": "All Beauty", "title": "  Rose &amp; Honey <b>Cream</b>  ", "average_rating": 4.5,
-         "features": ["Rich"], "description": ["<p>Soft&nbsp;and   rich.</p>", "", "  Daily use "], "price": None,
-         "images": [], "videos": [], "store": "Acme", "categories": ["Beauty", "Skin &amp; Care", "Beauty"],
-         "details": details, "parent_asin": CREAM, "bought_together": None},
+        {
+            "main_category": "All Beauty",
+            "title": "  Rose &amp; Honey <b>Cream</b>  ",
+            "average_rating": 4.5,
+            "features": ["Rich"],
+            "description": ["<p>Soft&nbsp;and   rich.</p>", "", "  Daily use "],
+            "price": None,
+            "images": [],
+            "videos": [],
+            "store": "Acme",
+            "categories": ["Beauty", "Skin &amp; Care", "Beauty"],
+            "details": details,
+            "parent_asin": CREAM,
+            "bought_together": None,
+        },
         {"parent_asin": GEL, "title": "", "description": ["An untitled first line does not count"]},
         {"parent_asin": GEL, "title": "Aloe Gel", "description": ["Cooling\n gel"], "store": None, "categories": []},
         {"parent_asin": BRUSH, "title": "Brush", "description": [], "features": [], "categories": []},
@@ -81,8 +106,13 @@ def meta_2023() -> list[dict]:
     ]
 
 
-def write_2023(directory: Path, gz: bool, category: str = "Beauty", reviews: list[dict] | None = None,
-               meta: list[dict] | None = None) -> Path:
+def write_2023(
+    directory: Path,
+    gz: bool,
+    category: str = "Beauty",
+    reviews: list[dict] | None = None,
+    meta: list[dict] | None = None,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     suffix = ".jsonl.gz" if gz else ".jsonl"
     write_lines(directory / f"{category}{suffix}", [json.dumps(r) for r in (reviews or reviews_2023())])
@@ -133,11 +163,24 @@ def test_core_cascade_needs_iteration(tmp_path: Path) -> None:
 
 def write_2018_copy(directory: Path, reviews: list[dict], meta: list[dict]) -> Path:
     """The same reviews and meta in the 2018 layout (fields renamed; ``store`` is the 2018 ``brand``)."""
-    to_2018 = {"user_id": "reviewerID", "parent_asin": "asin", "timestamp": "unixReviewTime", "title": "summary",
-               "text": "reviewText"}
+    to_2018 = {
+        "user_id": "reviewerID",
+        "parent_asin": "asin",
+        "timestamp": "unixReviewTime",
+        "title": "summary",
+        "text": "reviewText",
+    }
     old_reviews = [{to_2018[k]: v for k, v in r.items() if k in to_2018} for r in reviews]
-    old_meta = [{"asin": m["parent_asin"], "title": m["title"], "description": m.get("description"),
-                 "brand": m.get("store"), "category": m.get("categories")} for m in meta]
+    old_meta = [
+        {
+            "asin": m["parent_asin"],
+            "title": m["title"],
+            "description": m.get("description"),
+            "brand": m.get("store"),
+            "category": m.get("categories"),
+        }
+        for m in meta
+    ]
     directory.mkdir(parents=True)
     write_lines(directory / "Beauty.json", [json.dumps(r) for r in old_reviews])
     write_lines(directory / "meta_Beauty.json", [json.dumps(m) for m in old_meta])
@@ -152,8 +195,9 @@ def assert_same_output(new: Path, old: Path) -> None:
 def test_same_content_as_2018_files_gives_identical_output(tmp_path: Path) -> None:
     """The 2018 converter on the same reviews and meta, written in the 2018 layout, writes the same files."""
     new = convert_amazon2023(write_2023(tmp_path / "raw", gz=True), "Beauty", tmp_path / "new")
-    old = convert_amazon_raw(write_2018_copy(tmp_path / "raw2018", reviews_2023(), meta_2023()), "Beauty",
-                             tmp_path / "old")
+    old = convert_amazon_raw(
+        write_2018_copy(tmp_path / "raw2018", reviews_2023(), meta_2023()), "Beauty", tmp_path / "old"
+    )
     assert_same_output(new, old)
 
 
@@ -164,24 +208,52 @@ def test_random_category_matches_the_2018_converter(seed: int, gz: bool, tmp_pat
     rng = np.random.default_rng(seed)
     users, items = [f"AG{n:03d}" for n in rng.permutation(60)], [f"B0{n:03d}" for n in rng.permutation(40)]
     pick_user = rng.power(0.6, 600)  # skewed activity, so that the core filter bites
-    reviews = [review(users[int(u * 60)], items[int(rng.power(0.5) * 40)], int(rng.integers(0, 30)) * 1000,
-                      *rng.choice(["", "Good.", "ok", "A &amp; B"], 1).tolist(),
-                      *rng.choice(["", "fine  text", "<br />more", "x\ty"], 1).tolist()) for u in pick_user]
-    meta = [{"parent_asin": item, "title": rng.choice(["", "<br>", f"Item {item}", f"<b>{item}</b> &amp; co"]),
-             "description": [f"About {item}"], "store": rng.choice(["", "Shop", None]), "categories": ["A", "B"]}
-            for item in items if rng.random() > 0.1 for _ in range(int(rng.integers(1, 3)))]
+    reviews = [
+        review(
+            users[int(u * 60)],
+            items[int(rng.power(0.5) * 40)],
+            int(rng.integers(0, 30)) * 1000,
+            *rng.choice(["", "Good.", "ok", "A &amp; B"], 1).tolist(),
+            *rng.choice(["", "fine  text", "<br />more", "x\ty"], 1).tolist(),
+        )
+        for u in pick_user
+    ]
+    meta = [
+        {
+            "parent_asin": item,
+            "title": rng.choice(["", "<br>", f"Item {item}", f"<b>{item}</b> &amp; co"]),
+            "description": [f"About {item}"],
+            "store": rng.choice(["", "Shop", None]),
+            "categories": ["A", "B"],
+        }
+        for item in items
+        if rng.random() > 0.1
+        for _ in range(int(rng.integers(1, 3)))
+    ]
     raw = write_2023(tmp_path / "raw", gz, reviews=reviews, meta=meta)
     new = convert_amazon2023(raw, "Beauty", tmp_path / "new", user_k=3, item_k=3)
-    old = convert_amazon_raw(write_2018_copy(tmp_path / "raw2018", reviews, meta), "Beauty", tmp_path / "old",
-                             user_k=3, item_k=3)
+    old = convert_amazon_raw(
+        write_2018_copy(tmp_path / "raw2018", reviews, meta), "Beauty", tmp_path / "old", user_k=3, item_k=3
+    )
     assert 10 <= read_manifest(new)["counts"]["users"] < 60  # filtering removed some users, kept enough to compare
     assert_same_output(new, old)
 
 
 def test_fast_cleaning_equals_the_2018_converters_clean_text() -> None:
     spaces = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
-    samples = [spaces, f"a{spaces}b", " \x1c tab\tand\u3000ideographic\xa0nbsp ", "x\u200by", "", "  plain  ",
-               "a &amp; b", "<p>Soft&nbsp;and</p>  rich", "1 < 2", "caf\u00e9 \U0001f600", "trailing\u2029"]
+    samples = [
+        spaces,
+        f"a{spaces}b",
+        " \x1c tab\tand\u3000ideographic\xa0nbsp ",
+        "x\u200by",
+        "",
+        "  plain  ",
+        "a &amp; b",
+        "<p>Soft&nbsp;and</p>  rich",
+        "1 < 2",
+        "caf\u00e9 \U0001f600",
+        "trailing\u2029",
+    ]
     cleaned = [fast_clean(text) for text in samples]
     assert cleaned == [clean_text(text) for text in samples]
     assert cleaned[:3] == ["", "a b", "tab and ideographic nbsp"] and fast_clean(None) == ""
@@ -194,8 +266,9 @@ def test_second_conversion_is_a_no_op_and_a_change_reconverts(tmp_path: Path) ->
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     convert_amazon2023(raw, "Beauty", out)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    changed = [{**r, "title": "Great"} if (r["user_id"], r["parent_asin"]) == ("AC5", MASK) else r
-               for r in reviews_2023()]
+    changed = [
+        {**r, "title": "Great"} if (r["user_id"], r["parent_asin"]) == ("AC5", MASK) else r for r in reviews_2023()
+    ]
     write_2023(raw, gz=True, reviews=changed)
     convert_amazon2023(raw, "Beauty", out)
     assert read(out, "review")["1"]["3"] == "Great"
@@ -209,13 +282,22 @@ def lines_with(bad: str, at: int) -> list[str]:
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
-@pytest.mark.parametrize(("bad", "message"), [
-    ('{"user_id": "A", "parent_asin": ', r"line 4 is not valid JSON"),
-    ('["A", "B0", 1]', r"line 4 is a list, not an object"),
-    (json.dumps({"user_id": "A", "parent_asin": "B0"}), r'line 4 misses the required field "timestamp"'),
-    (json.dumps({"user_id": "", "parent_asin": "B0", "timestamp": 5}), r'line 4 misses the required field "user_id"'),
-    (json.dumps({"user_id": "A", "parent_asin": "B0", "timestamp": "soon"}), r'line 4: "timestamp" must be an integer'),
-])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ('{"user_id": "A", "parent_asin": ', r"line 4 is not valid JSON"),
+        ('["A", "B0", 1]', r"line 4 is a list, not an object"),
+        (json.dumps({"user_id": "A", "parent_asin": "B0"}), r'line 4 misses the required field "timestamp"'),
+        (
+            json.dumps({"user_id": "", "parent_asin": "B0", "timestamp": 5}),
+            r'line 4 misses the required field "user_id"',
+        ),
+        (
+            json.dumps({"user_id": "A", "parent_asin": "B0", "timestamp": "soon"}),
+            r'line 4: "timestamp" must be an integer',
+        ),
+    ],
+)
 def test_bad_review_line_names_file_line_and_field(tmp_path: Path, suffix: str, bad: str, message: str) -> None:
     write_lines(tmp_path / f"Beauty{suffix}", lines_with(bad, 4))
     write_lines(tmp_path / f"meta_Beauty{suffix}", [json.dumps(m) for m in meta_2023()])

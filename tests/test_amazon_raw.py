@@ -29,9 +29,20 @@ CORE = {  # chronological; AM2's last two share a timestamp (file order decides)
     "AC5": [MASK, GEL, BRUSH, SOAP, CREAM],
 }
 # ids by sorted original id: users AA3 AC5 AM2 AQ4 AZ1, items 0451 1234 B00A B00B B00C
-EXPECTED_SEQUENCES = {0: [1, 3, 4, 0, 2], 1: [3, 1, 2, 4, 0], 2: [4, 2, 0, 3, 1], 3: [2, 0, 3, 1, 4], 4: [0, 4, 1, 2, 3]}
+EXPECTED_SEQUENCES = {
+    0: [1, 3, 4, 0, 2],
+    1: [3, 1, 2, 4, 0],
+    2: [4, 2, 0, 3, 1],
+    3: [2, 0, 3, 1, 4],
+    4: [0, 4, 1, 2, 3],
+}
 EXPECTED_TEXT = {
-    0: {"title": "Rose & Honey Cream", "description": "Soft and rich. Daily use", "brand": "Acme", "categories": "Beauty, Skin & Care"},
+    0: {
+        "title": "Rose & Honey Cream",
+        "description": "Soft and rich. Daily use",
+        "brand": "Acme",
+        "categories": "Beauty, Skin & Care",
+    },
     1: {"title": "Aloe Gel", "description": "Cooling gel", "brand": "", "categories": "Beauty, Gels"},
     2: {"title": "Brush", "description": "", "brand": "", "categories": ""},
     3: {"title": "Mask", "description": "Clay mask", "brand": "", "categories": ""},
@@ -46,7 +57,9 @@ SPECIAL_REVIEWS = {  # (user, item) -> (summary, reviewText); the rest say "<use
 
 
 def review(user: str, item: str, time: int, summary: str | None = None, text: str | None = None) -> dict:
-    summary, text = SPECIAL_REVIEWS.get((user, item), ("", f"{user} likes {item}")) if summary is None else (summary, text)
+    summary, text = (
+        SPECIAL_REVIEWS.get((user, item), ("", f"{user} likes {item}")) if summary is None else (summary, text)
+    )
     return {"reviewerID": user, "asin": item, "unixReviewTime": time, "summary": summary, "reviewText": text}
 
 
@@ -69,8 +82,13 @@ def raw_reviews(seed: int = 0) -> list[dict]:
 
 def raw_meta() -> list[str]:
     lines = [
-        {"asin": CREAM, "title": "  Rose &amp; Honey <b>Cream</b>  ", "brand": "Acme",
-         "description": ["<p>Soft&nbsp;and   rich.</p>", "", "  Daily use "], "category": ["Beauty", "Skin &amp; Care", "Beauty"]},
+        {
+            "asin": CREAM,
+            "title": "  Rose &amp; Honey <b>Cream</b>  ",
+            "brand": "Acme",
+            "description": ["<p>Soft&nbsp;and   rich.</p>", "", "  Daily use "],
+            "category": ["Beauty", "Skin &amp; Care", "Beauty"],
+        },
         {"asin": BRUSH, "title": "Brush"},
         {"asin": MASK, "title": "Mask", "description": "<div>Clay\n\tmask</div>"},
         {"asin": SOAP, "title": "Soap"},
@@ -81,7 +99,9 @@ def raw_meta() -> list[str]:
         {"asin": "B0UNREVIEWED", "title": "Never reviewed"},
     ]
     # some Amazon meta dumps are Python literals, not JSON
-    python_literal = "{'asin': '1234', 'title': 'Aloe Gel', 'description': 'Cooling\\n gel', 'categories': [['Beauty', 'Gels']]}"
+    python_literal = (
+        "{'asin': '1234', 'title': 'Aloe Gel', 'description': 'Cooling\\n gel', 'categories': [['Beauty', 'Gels']]}"
+    )
     return [json.dumps(line) for line in lines[:2]] + [python_literal] + [json.dumps(line) for line in lines[2:]]
 
 

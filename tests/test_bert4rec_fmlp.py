@@ -32,7 +32,8 @@ def _fmlp(**kwargs) -> FMLPRec:
 
 
 def _window_batch() -> dict[str, torch.Tensor]:
-    """Two causal windows: a user's first window (3 items + target) and a later one-target window (20 items + target)."""
+    """Two causal windows: a user's first window (3 items + target) and a later one-target window (20 items + "
+    "target)."""
     history = torch.full((2, 20), PAD)
     target = torch.full((2, 20), -100)
     history[0, -3:] = torch.tensor([1, 2, 3])

@@ -68,7 +68,10 @@ def test_bad_interaction_files_name_file_and_fix(tmp_path, content, needle):
 
 def test_item_outside_catalogue_defined_by_item_file(tmp_path):
     write_inter(tmp_path, "Toy", {"0": [0, 1, 7]}, item_text={str(i): {"title": "x"} for i in range(3)})
-    with pytest.raises(DataFormatError, match=r"Toy.inter.json: user \"0\" has item index 7 outside the catalogue \(Toy.item.json defines 3 items"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"Toy.inter.json: user \"0\" has item index 7 outside the catalogue \(Toy.item.json defines 3 items",
+    ):
         load_lcrec(tmp_path, "Toy")
 
 

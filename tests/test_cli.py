@@ -13,9 +13,15 @@ from lightning_modules.cli import build_cli, main
 from tests.conftest import CONFIGS, REPO, tiny_run_args
 
 # Pieces that only make sense stacked on a model config: parsed together with the quickstart config.
-PIECES = sorted(str(path.relative_to(CONFIGS)) for sub in ("trainer", "logger", "strategy") for path in (CONFIGS / sub).glob("*.yaml"))
+PIECES = sorted(
+    str(path.relative_to(CONFIGS))
+    for sub in ("trainer", "logger", "strategy")
+    for path in (CONFIGS / sub).glob("*.yaml")
+)
 RUN_CONFIGS = sorted(
-    str(path.relative_to(CONFIGS)) for path in CONFIGS.rglob("*.yaml") if path.parent.name not in ("trainer", "logger", "strategy", "sweeps", "serving")
+    str(path.relative_to(CONFIGS))
+    for path in CONFIGS.rglob("*.yaml")
+    if path.parent.name not in ("trainer", "logger", "strategy", "sweeps", "serving")
 )
 
 
@@ -29,7 +35,10 @@ def test_every_run_config_parses(config):
 def test_every_config_piece_stacks(piece, capsys):
     # parse and print only: strategies such as DeepSpeed cannot be instantiated on a CPU-only machine
     with pytest.raises(SystemExit) as exit_info:
-        build_cli(["--config", str(CONFIGS / "synthetic/sasrec.yaml"), "--config", str(CONFIGS / piece), "--print_config"], run=False)
+        build_cli(
+            ["--config", str(CONFIGS / "synthetic/sasrec.yaml"), "--config", str(CONFIGS / piece), "--print_config"],
+            run=False,
+        )
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "trainer:" in printed and "lightning_modules.SASRec" in printed
@@ -70,7 +79,14 @@ def test_fit_then_test_writes_metrics_json(synthetic_dir, tmp_path):
 
     # `lightning test --ckpt_path` on the best checkpoint reproduces the numbers
     retest_root = tmp_path / "retest"
-    main(["test", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, retest_root), "--ckpt_path", test_record["best_checkpoint"]])
+    main(
+        [
+            "test",
+            *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, retest_root),
+            "--ckpt_path",
+            test_record["best_checkpoint"],
+        ]
+    )
     retested = json.loads((retest_root / "csv" / "version_0" / "test_metrics.json").read_text())["metrics"]
     assert retested == pytest.approx(metrics, abs=1e-6)
 
@@ -100,16 +116,39 @@ def test_last_checkpoint_holds_the_final_epoch_and_resumes(synthetic_dir, tmp_pa
     root = tmp_path / "run"
     # lr 1e-30 (0 is refused): float32 weights never change, the monitored metric never improves after epoch 0,
     # so only the first epoch is "best"
-    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=3",
-                                "--model.init_args.lr=1e-30",
-                                "--test_after_fit=false", "--trainer.limit_train_batches=2")])
+    main(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/sasrec.yaml",
+                synthetic_dir,
+                root,
+                "--trainer.max_epochs=3",
+                "--model.init_args.lr=1e-30",
+                "--test_after_fit=false",
+                "--trainer.limit_train_batches=2",
+            ),
+        ]
+    )
     checkpoints = root / "csv" / "version_0" / "checkpoints"
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 2 and last["global_step"] == 6
     assert [path.name for path in checkpoints.glob("epoch=*.ckpt")] == ["epoch=0-step=2.ckpt"]
-    resumed = build_cli(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "resumed", "--trainer.max_epochs=4",
-                                              "--test_after_fit=false", "--trainer.limit_train_batches=2"),
-                         "--ckpt_path", str(checkpoints / "last.ckpt")])
+    resumed = build_cli(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/sasrec.yaml",
+                synthetic_dir,
+                tmp_path / "resumed",
+                "--trainer.max_epochs=4",
+                "--test_after_fit=false",
+                "--trainer.limit_train_batches=2",
+            ),
+            "--ckpt_path",
+            str(checkpoints / "last.ckpt"),
+        ]
+    )
     assert resumed.trainer.current_epoch == 4 and resumed.trainer.global_step == 8  # one more epoch, not three
 
 
@@ -126,11 +165,25 @@ def test_final_weights_checkpoint_survives_a_stop_mid_epoch(synthetic_dir, tmp_p
     override = tmp_path / "callbacks.yaml"
     override.write_text(
         "trainer:\n  callbacks:\n"
-        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {filename: last, save_on_train_epoch_end: true}}\n"
-        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {monitor: val/ndcg@10, mode: max}}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {filename: last, save_on_train_epoch_end: true}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {monitor: val/ndcg@10, mode: max}\n"
     )
-    cli = build_cli([*tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "run", "--config", str(override),
-                                     "--trainer.max_epochs=5", "--trainer.limit_train_batches=3")], run=False)
+    cli = build_cli(
+        [
+            *tiny_run_args(
+                "synthetic/sasrec.yaml",
+                synthetic_dir,
+                tmp_path / "run",
+                "--config",
+                str(override),
+                "--trainer.max_epochs=5",
+                "--trainer.limit_train_batches=3",
+            )
+        ],
+        run=False,
+    )
     cli.trainer.callbacks.append(StopAt())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 5  # stopped inside the second epoch (3 batches each)
@@ -143,12 +196,25 @@ def test_checkpoint_for_another_dataset_is_refused(synthetic_dir, tmp_path):
     from datamodules import SyntheticSpec, write_synthetic
 
     root = tmp_path / "run"
-    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false")])
+    main(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false"
+            ),
+        ]
+    )
     checkpoint = next((root / "csv" / "version_0" / "checkpoints").glob("epoch=*.ckpt"))
     other = write_synthetic(tmp_path / "other", SyntheticSpec(num_users=300, num_items=120, num_categories=6, seed=99))
-    args = ["test", *tiny_run_args("synthetic/sasrec.yaml", other, tmp_path / "other_run"),
-            "--ckpt_path", str(checkpoint)]
-    with pytest.raises(ValueError, match="checkpoint was trained on dataset Synthetic .* Use the checkpoint of this dataset"):
+    args = [
+        "test",
+        *tiny_run_args("synthetic/sasrec.yaml", other, tmp_path / "other_run"),
+        "--ckpt_path",
+        str(checkpoint),
+    ]
+    with pytest.raises(
+        ValueError, match="checkpoint was trained on dataset Synthetic .* Use the checkpoint of this dataset"
+    ):
         build_cli(args)
     with pytest.raises(SystemExit) as exit_info:
         main(args)  # the command prints the message, not a traceback
@@ -158,10 +224,26 @@ def test_checkpoint_for_another_dataset_is_refused(synthetic_dir, tmp_path):
 def test_command_line_model_flags_win_over_checkpoint_hparams(synthetic_dir, tmp_path, caplog):
     """Lightning loads --ckpt_path's hyperparameters over the config; an explicit flag must still apply."""
     root = tmp_path / "run"
-    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false",
-                                "--trainer.limit_train_batches=2")])
+    main(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/sasrec.yaml",
+                synthetic_dir,
+                root,
+                "--trainer.max_epochs=1",
+                "--test_after_fit=false",
+                "--trainer.limit_train_batches=2",
+            ),
+        ]
+    )
     checkpoint = str(next((root / "csv" / "version_0" / "checkpoints").glob("epoch=*.ckpt")))
-    args = [*tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "test"), "--ckpt_path", checkpoint, "--trainer.limit_test_batches=1"]
+    args = [
+        *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "test"),
+        "--ckpt_path",
+        checkpoint,
+        "--trainer.limit_test_batches=1",
+    ]
     assert build_cli(["test", *args]).model.mask_history  # the checkpoint's value (trained with the default)
     with caplog.at_level("WARNING", logger="lightning_modules.cli"):
         cli = build_cli(["test", *args, "--model.init_args.mask_history=false", "--model.init_args.top_k", "10"])
@@ -172,7 +254,11 @@ def test_command_line_model_flags_win_over_checkpoint_hparams(synthetic_dir, tmp
 def test_console_scripts_are_installed():
     from importlib.metadata import entry_points
 
-    scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts") if entry.name in ("lightning", "semconv")}
+    scripts = {
+        entry.name: entry.value
+        for entry in entry_points(group="console_scripts")
+        if entry.name in ("lightning", "semconv")
+    }
     assert scripts == {"lightning": "lightning_modules.cli:main", "semconv": "lightning_modules.cli:main"}
     result = subprocess.run(["lightning", "--help"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-1000:]
@@ -181,9 +267,23 @@ def test_console_scripts_are_installed():
 
 def test_predict_writes_top_k_per_user(synthetic_dir, tmp_path):
     root = tmp_path / "run"
-    main(["fit", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false")])
+    main(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/sasrec.yaml", synthetic_dir, root, "--trainer.max_epochs=1", "--test_after_fit=false"
+            ),
+        ]
+    )
     checkpoint = next((root / "csv" / "version_0" / "checkpoints").glob("epoch=*.ckpt"))
-    main(["predict", *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "predict"), "--ckpt_path", str(checkpoint)])
+    main(
+        [
+            "predict",
+            *tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "predict"),
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
     lines = (tmp_path / "predict" / "csv" / "version_0" / "top_k.rank0.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [record["user"] for record in records] == list(range(300))
@@ -204,7 +304,9 @@ def test_every_sweep_runs_the_cli_with_each_value(sweep, tmp_path, monkeypatch):
 
     spec = yaml.safe_load((CONFIGS / "sweeps" / sweep).read_text())
     assert spec["program"] == "lightning" and spec["command"][:2] == ["${program}", "fit"]
-    configs = [arg for previous, arg in zip(spec["command"], spec["command"][1:]) if previous == "--config"]
+    configs = [
+        arg for previous, arg in zip(spec["command"], spec["command"][1:], strict=False) if previous == "--config"
+    ]
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     for name, parameter in spec["parameters"].items():
         for value in parameter["values"]:
@@ -220,8 +322,14 @@ def run_command(*args: str, debug_env: bool = False) -> subprocess.CompletedProc
     """``python -m lightning_modules.cli`` as a user runs it (a new process: stderr as the user sees it)."""
     environment = {key: value for key, value in os.environ.items() if key != "SEMCONV_DEBUG"}
     environment.update({"PYTHONPATH": str(REPO), **({"SEMCONV_DEBUG": "1"} if debug_env else {})})
-    return subprocess.run([sys.executable, "-m", "lightning_modules.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=environment, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_modules.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        cwd=REPO,
+    )
 
 
 def assert_readable(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -232,8 +340,16 @@ def assert_readable(result: subprocess.CompletedProcess, *fragments: str) -> Non
 
 
 def test_bad_data_dir_prints_one_message_naming_the_field(tmp_path):
-    args = ["fit", "--config", str(CONFIGS / "synthetic/sasrec.yaml"), "--data.init_args.source=lcrec",
-            "--data.init_args.data_dir", str(tmp_path / "missing"), "--trainer.default_root_dir", str(tmp_path / "run")]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "synthetic/sasrec.yaml"),
+        "--data.init_args.source=lcrec",
+        "--data.init_args.data_dir",
+        str(tmp_path / "missing"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    ]
     assert_readable(run_command(*args), str(tmp_path / "missing"), "data.init_args.data_dir")
     for debug in (run_command(*args, "--debug"), run_command(*args, debug_env=True)):
         assert debug.returncode != 0 and "Traceback" in debug.stderr and "DataFormatError" in debug.stderr
@@ -253,4 +369,3 @@ def test_wrong_config_value_is_refused_at_construction(config, flag, fragment, t
     result = run_command("fit", "--config", str(CONFIGS / config), flag, "--trainer.default_root_dir", str(tmp_path))
     assert_readable(result, fragment)
     assert not (tmp_path / "csv").exists()  # refused before anything ran
-

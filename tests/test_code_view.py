@@ -7,10 +7,10 @@ import contextlib
 import pytest
 import torch
 
+from experiments.bench_decoding import unshared_prompts
 from lightning_modules.components.code_view import build_view, vocabulary_view
 from lightning_modules.components.decoding import generate_topk
 from lightning_modules.components.trie import CodeTrie
-from experiments.bench_decoding import unshared_prompts
 from tests.test_decoding import EOS, PAD, TOKENIZER, V, left_padded, make_codes, tiny_model
 
 
@@ -37,7 +37,7 @@ def test_view_search_equals_the_full_vocabulary_search(renormalize, share_prompt
     trie = CodeTrie(codes, EOS, items=range(700, 740))
     ids, mask = left_padded([5, 9, 3, 9], seed=4)
     exclude = (torch.tensor([0, 0, 2]), torch.tensor([705, 731, 700]))
-    kwargs = dict(renormalize=renormalize, exclude=exclude)
+    kwargs = {"renormalize": renormalize, "exclude": exclude}
     with contextlib.nullcontext() if share_prompt else unshared_prompts():
         full_items, full_scores = generate_topk(model, TOKENIZER, ids, mask, trie, 10, 10, code_view=False, **kwargs)
         items, scores = generate_topk(model, TOKENIZER, ids, mask, trie, 10, 10, code_view=True, **kwargs)

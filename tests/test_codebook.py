@@ -26,7 +26,6 @@ from lightning_modules.components.quantizer import ResidualCodebook, kmeans
 from tests.conftest import shared_dataset, tiny_run_args
 
 
-
 @pytest.fixture(scope="module")
 def item_embeddings(tmp_path_factory) -> Path:
     """``[120, 32]`` random behaviour embeddings for the tiny synthetic catalogue."""
@@ -36,12 +35,26 @@ def item_embeddings(tmp_path_factory) -> Path:
 
 
 def _datamodule(data_dir: Path, embeddings, **kwargs) -> ItemDataModule:
-    return ItemDataModule(data_dir=str(data_dir), dataset=kwargs.pop("dataset", "Synthetic"), source="lcrec", embeddings=str(embeddings), **kwargs)
+    return ItemDataModule(
+        data_dir=str(data_dir),
+        dataset=kwargs.pop("dataset", "Synthetic"),
+        source="lcrec",
+        embeddings=str(embeddings),
+        **kwargs,
+    )
 
 
 def _trainer(root: Path, callbacks: list, epochs: int = 1) -> L.Trainer:
-    return L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(root), num_sanity_val_steps=0)
+    return L.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        num_sanity_val_steps=0,
+    )
 
 
 # ------------------------------------------------------------------------------------------ quantisation
@@ -52,7 +65,9 @@ def test_residual_quantisation_exact_codes():
     out = q(x)
     assert out.codes.tolist() == [[1, 1], [2, 2], [0, 0]]
     assert torch.allclose(out.quantized, torch.tensor([[11.0, 0.0], [0.0, 11.0], [0.0, 0.0]]))
-    assert torch.allclose(out.inputs[:, 1], x - torch.tensor([[10.0, 0.0], [0.0, 10.0], [0.0, 0.0]]))  # level 2 sees the residual
+    assert torch.allclose(
+        out.inputs[:, 1], x - torch.tensor([[10.0, 0.0], [0.0, 10.0], [0.0, 0.0]])
+    )  # level 2 sees the residual
     loss = q.behaviour_loss(out)
     assert loss.detach().item() == pytest.approx(float((out.inputs - out.chosen).pow(2).sum(-1).sum(1).mean()))
     loss.backward()
@@ -67,7 +82,11 @@ def test_kmeans_recovers_separated_clusters():
     centres = torch.tensor([[10.0, 10.0], [-10.0, 10.0], [10.0, -10.0], [-10.0, -10.0]])
     x = (centres[:, None] + 0.1 * torch.randn(4, 50, 2, generator=g)).reshape(-1, 2)
     found = kmeans(x, 4, iters=10, seed=1)
-    assert torch.allclose(found[torch.argsort(found[:, 0] * 100 + found[:, 1])], centres[torch.argsort(centres[:, 0] * 100 + centres[:, 1])], atol=0.1)
+    assert torch.allclose(
+        found[torch.argsort(found[:, 0] * 100 + found[:, 1])],
+        centres[torch.argsort(centres[:, 0] * 100 + centres[:, 1])],
+        atol=0.1,
+    )
     assert torch.equal(found, kmeans(x, 4, iters=10, seed=1))
     with pytest.raises(ValueError, match="at least k=8"):
         kmeans(x[:5], 8)
@@ -77,7 +96,11 @@ def test_collision_statistics():
     codes = torch.tensor([[0, 1], [0, 1], [1, 1], [2, 2]])
     assert collision_rate(codes) == 0.5
     stats = level_statistics(codes, codebook_size=4)
-    assert stats[0]["dead_codes"] == 1 and stats[1]["usage"] == 0.5 and stats[1]["perplexity"] == pytest.approx((4 / 3) ** 0.75 * 4**0.25)
+    assert (
+        stats[0]["dead_codes"] == 1
+        and stats[1]["usage"] == 0.5
+        and stats[1]["perplexity"] == pytest.approx((4 / 3) ** 0.75 * 4**0.25)
+    )
 
 
 # ------------------------------------------------------------------------------------ collision resolution
@@ -119,7 +142,7 @@ def test_reassignment_is_the_minimum_cost_assignment():
     keeper = int(cost[:5, 0].argmin())
     movers = [item for item in range(5) if item != keeper]
     assignments = itertools.permutations(range(2, 7), 4)
-    best = min(sum(float(cost[m, c]) for m, c in zip(movers, chosen)) for chosen in assignments)
+    best = min(sum(float(cost[m, c]) for m, c in zip(movers, chosen, strict=False)) for chosen in assignments)
     assert result.codes[keeper].tolist() == [0, 0] and result.codes[5].tolist() == [0, 1]
     assert sum(float(cost[m, result.codes[m, 1]]) for m in movers) == pytest.approx(best)
 
@@ -150,15 +173,21 @@ def test_kmeans_init_runs_once_and_not_on_resume(synthetic_dir, item_embeddings,
 
     resumed_init, spy = KMeansInit(iters=5), _FirstBatchCodes()
     resumed = AlignmentTokenizer(num_levels=3, codebook_size=32)
-    _trainer(tmp_path, [resumed_init, spy], epochs=3).fit(resumed, _datamodule(synthetic_dir, item_embeddings, batch_size=16), ckpt_path=checkpoint)
+    _trainer(tmp_path, [resumed_init, spy], epochs=3).fit(
+        resumed, _datamodule(synthetic_dir, item_embeddings, batch_size=16), ckpt_path=checkpoint
+    )
     assert resumed_init.runs == 0 and resumed_init.restored_runs == 1
     assert torch.equal(spy.codes, saved)  # training resumed from the trained codes, not from a new k-means
 
 
 def test_rqvae_variant_trains_and_exports(synthetic_dir, item_embeddings, tmp_path):
-    model = AlignmentTokenizer(num_levels=2, codebook_size=16, variant="rqvae", rqvae_hidden_dims=[32], rqvae_latent_dim=8)
+    model = AlignmentTokenizer(
+        num_levels=2, codebook_size=16, variant="rqvae", rqvae_hidden_dims=[32], rqvae_latent_dim=8
+    )
     exporter = CodeIndexExporter(str(tmp_path / "export"))
-    _trainer(tmp_path, [KMeansInit(iters=3, num_samples=0), exporter]).fit(model, _datamodule(synthetic_dir, item_embeddings, batch_size=32))
+    _trainer(tmp_path, [KMeansInit(iters=3, num_samples=0), exporter]).fit(
+        model, _datamodule(synthetic_dir, item_embeddings, batch_size=32)
+    )
     assert exporter.manifest["variant"] == "rqvae" and exporter.manifest["final_collision_rate"] == 0
     assert tokens_to_codes(load_code_index(tmp_path / "export"))[1].unique(dim=0).shape[0] == 120
 
@@ -174,8 +203,14 @@ def test_cli_export_round_trip_and_cold_start(synthetic_dir, item_embeddings, tm
         "    - class_path: callbacks.CollisionLogger\n"
         f"    - {{class_path: callbacks.CodeIndexExporter, init_args: {{output_dir: '{export}'}}}}\n"
     )
-    common = ["--config", str(override), "--data.init_args.embeddings", str(item_embeddings), "--model.init_args.num_levels=3",
-              "--model.init_args.codebook_size=8"]
+    common = [
+        "--config",
+        str(override),
+        "--data.init_args.embeddings",
+        str(item_embeddings),
+        "--model.init_args.num_levels=3",
+        "--model.init_args.codebook_size=8",
+    ]
     main(["fit", *tiny_run_args("synthetic/codebook.yaml", synthetic_dir, root, *common, "--trainer.max_epochs=2")])
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["kind"] == "code_index" and manifest["num_levels"] == 3 and manifest["codebook_size"] == 8
@@ -212,8 +247,16 @@ def test_cli_export_round_trip_and_cold_start(synthetic_dir, item_embeddings, tm
     # cold start (lightning predict): the same through the CLI, extending the export in place
     torch.save(new, tmp_path / "new.pt")
     checkpoint = root / "csv" / "version_0" / "checkpoints" / "last.ckpt"
-    main(["predict", *tiny_run_args("synthetic/codebook.yaml", synthetic_dir, tmp_path / "predict", *common),
-          "--ckpt_path", str(checkpoint), "--data.init_args.cold_start_embeddings", str(tmp_path / "new.pt")])
+    main(
+        [
+            "predict",
+            *tiny_run_args("synthetic/codebook.yaml", synthetic_dir, tmp_path / "predict", *common),
+            "--ckpt_path",
+            str(checkpoint),
+            "--data.init_args.cold_start_embeddings",
+            str(tmp_path / "new.pt"),
+        ]
+    )
     assert load_code_index(export) == extended
 
 
@@ -221,8 +264,13 @@ def test_cli_export_round_trip_and_cold_start(synthetic_dir, item_embeddings, tm
 def test_bad_embeddings_are_refused(synthetic_dir, tmp_path):
     cases = {
         "rows": (torch.randn(119, 32), DataFormatError, "119 rows but the catalogue has 120"),
-        "nan": (torch.randn(120, 32).index_fill_(0, torch.tensor([3, 7]), float("nan")).index_fill_(0, torch.tensor([9]), float("inf")),
-                DataFormatError, r"3 row\(s\) contain NaN or inf \(rows 3, 7, 9\)"),
+        "nan": (
+            torch.randn(120, 32)
+            .index_fill_(0, torch.tensor([3, 7]), float("nan"))
+            .index_fill_(0, torch.tensor([9]), float("inf")),
+            DataFormatError,
+            r"3 row\(s\) contain NaN or inf \(rows 3, 7, 9\)",
+        ),
     }
     for name, (matrix, error, message) in cases.items():
         torch.save(matrix, tmp_path / f"{name}.pt")
@@ -234,8 +282,14 @@ def test_bad_embeddings_are_refused(synthetic_dir, tmp_path):
     artifact = tmp_path / "artifact"
     with ArtifactWriter(artifact, "item_embeddings") as writer:
         writer.save_torch("item_embeddings.pt", torch.randn(120, 32))
-        manifest = writer.commit({"dataset": load_lcrec(synthetic_dir, "Synthetic").fingerprint(), "num_items": 120,
-                                  "dim": 32, "file": "item_embeddings.pt"})
+        manifest = writer.commit(
+            {
+                "dataset": load_lcrec(synthetic_dir, "Synthetic").fingerprint(),
+                "num_items": 120,
+                "dim": 32,
+                "file": "item_embeddings.pt",
+            }
+        )
     datamodule = _datamodule(synthetic_dir, artifact)
     datamodule.setup("fit")
     assert datamodule.item_embeddings.shape == (120, 32) and datamodule.embedding_source["manifest"]["dim"] == 32
@@ -252,7 +306,9 @@ def test_bad_codebook_settings_are_refused(synthetic_dir, item_embeddings, tmp_p
     with pytest.raises(ValueError, match="codebook_size 256 is larger than the number of items \\(120"):
         _trainer(tmp_path, []).fit(AlignmentTokenizer(codebook_size=256), _datamodule(synthetic_dir, item_embeddings))
     with pytest.raises(ValueError, match="needs LLM embeddings"):
-        _trainer(tmp_path, []).fit(AlignmentTokenizer(codebook_size=8, llm_alignment_weight=1.0), _datamodule(synthetic_dir, item_embeddings))
+        _trainer(tmp_path, []).fit(
+            AlignmentTokenizer(codebook_size=8, llm_alignment_weight=1.0), _datamodule(synthetic_dir, item_embeddings)
+        )
 
 
 # -------------------------------------------------------------------------------------------- LLM alignment
@@ -264,8 +320,14 @@ def tiny_llama(tiny_tokenizer, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -275,16 +337,24 @@ def test_llm_directory_without_tokenizer_or_embeddings_is_refused(synthetic_dir,
     no_tokenizer, no_weights = tmp_path / "no_tokenizer", tmp_path / "no_weights"
     shutil.copytree(tiny_llama, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
     shutil.copytree(tiny_llama, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
-    for path, message in ((no_tokenizer, "no tokenizer"), (no_weights, "no model weights"), (tmp_path / "absent", "not a directory")):
+    for path, message in (
+        (no_tokenizer, "no tokenizer"),
+        (no_weights, "no model weights"),
+        (tmp_path / "absent", "not a directory"),
+    ):
         with pytest.raises(LLMDirectoryError, match=message):
-            _datamodule(synthetic_dir, item_embeddings, llm_path=str(path), llm_cache_dir=str(tmp_path / "cache")).setup("fit")
+            _datamodule(
+                synthetic_dir, item_embeddings, llm_path=str(path), llm_cache_dir=str(tmp_path / "cache")
+            ).setup("fit")
     wrong = tmp_path / "wrong_tensors"
     shutil.copytree(no_weights, wrong)
     from safetensors.torch import save_file
 
     save_file({"model.norm.weight": torch.ones(32)}, str(wrong / "model.safetensors"))
     with pytest.raises(LLMDirectoryError, match="no input embedding matrix"):
-        _datamodule(synthetic_dir, item_embeddings, llm_path=str(wrong), llm_cache_dir=str(tmp_path / "cache")).setup("fit")
+        _datamodule(synthetic_dir, item_embeddings, llm_path=str(wrong), llm_cache_dir=str(tmp_path / "cache")).setup(
+            "fit"
+        )
 
 
 class _LLMLoss(L.Callback):
@@ -300,17 +370,28 @@ def test_llm_alignment_on_industrial(tiny_llama, tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     embeddings = tmp_path / "industrial.pt"
     torch.save(torch.randn(3527, 32, generator=g), embeddings)
-    kwargs = dict(dataset="Industrial_and_Scientific", llm_path=str(tiny_llama), llm_cache_dir=str(tmp_path / "llm_cache"), batch_size=512)
+    kwargs = {
+        "dataset": "Industrial_and_Scientific",
+        "llm_path": str(tiny_llama),
+        "llm_cache_dir": str(tmp_path / "llm_cache"),
+        "batch_size": 512,
+    }
     datamodule = _datamodule(data_dir, embeddings, **kwargs)
     datamodule.setup("fit")
     llm = datamodule.llm_embeddings
     assert llm.shape == (3527, 32) and 3000 < int(datamodule.has_text.sum()) <= 3527
     assert (llm[~datamodule.has_text] == 0).all()
     # behaviour embeddings that partly reflect the text (as real ones do): a random map of the LLM embedding + noise
-    text_part = torch.nn.functional.normalize((llm - llm[datamodule.has_text].mean(0)) @ torch.randn(32, 32, generator=g), dim=1)
-    torch.save(text_part * datamodule.has_text[:, None] + 0.7 * torch.randn(3527, 32, generator=g) / 32**0.5, embeddings)
+    text_part = torch.nn.functional.normalize(
+        (llm - llm[datamodule.has_text].mean(0)) @ torch.randn(32, 32, generator=g), dim=1
+    )
+    torch.save(
+        text_part * datamodule.has_text[:, None] + 0.7 * torch.randn(3527, 32, generator=g) / 32**0.5, embeddings
+    )
     # a rerun reuses the cache instead of reading the model again
-    monkeypatch.setattr("datamodules.llm_embeddings.load_input_embeddings", lambda path: pytest.fail("cache not reused"))
+    monkeypatch.setattr(
+        "datamodules.llm_embeddings.load_input_embeddings", lambda path: pytest.fail("cache not reused")
+    )
     again = _datamodule(data_dir, embeddings, **kwargs)
     again.setup("fit")
     assert torch.equal(again.llm_embeddings, llm)
@@ -318,8 +399,15 @@ def test_llm_alignment_on_industrial(tiny_llama, tmp_path, monkeypatch):
     codes = {}
     for weight in (1.0, 0.0):
         L.seed_everything(0)
-        model, recorder = AlignmentTokenizer(num_levels=3, codebook_size=32, llm_alignment_weight=weight, lr=0.005), _LLMLoss()
-        _trainer(tmp_path, [KMeansInit(iters=10, num_samples=0), recorder] if weight else [KMeansInit(iters=10, num_samples=0)], epochs=6).fit(model, again)
+        model, recorder = (
+            AlignmentTokenizer(num_levels=3, codebook_size=32, llm_alignment_weight=weight, lr=0.005),
+            _LLMLoss(),
+        )
+        _trainer(
+            tmp_path,
+            [KMeansInit(iters=10, num_samples=0), recorder] if weight else [KMeansInit(iters=10, num_samples=0)],
+            epochs=6,
+        ).fit(model, again)
         codes[weight] = model.encode_items(again.item_embeddings).codes
         if weight:
             first, last = sum(recorder.values[:5]) / 5, sum(recorder.values[-5:]) / 5

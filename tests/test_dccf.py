@@ -4,7 +4,6 @@ gradients of the edge-weighted propagation, and the item-embedding export (round
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 
@@ -48,13 +47,15 @@ def test_adjacency_is_symmetric_normalised_exactly():
     # users 0, 1; items 0, 1, 2 (nodes 2, 3, 4); item 2 has no interaction
     adjacency = normalized_adjacency(np.array([0, 0, 1]), np.array([0, 1, 1]), num_users=2, num_items=3).to_dense()
     r = 2**-0.5  # degrees: u0 = 2, u1 = 1, i0 = 1, i1 = 2
-    expected = torch.tensor([
-        [0, 0, r, 0.5, 0],
-        [0, 0, 0, r, 0],
-        [r, 0, 0, 0, 0],
-        [0.5, r, 0, 0, 0],
-        [0, 0, 0, 0, 0],
-    ])
+    expected = torch.tensor(
+        [
+            [0, 0, r, 0.5, 0],
+            [0, 0, 0, r, 0],
+            [r, 0, 0, 0, 0],
+            [0.5, r, 0, 0, 0],
+            [0, 0, 0, 0, 0],
+        ]
+    )
     torch.testing.assert_close(adjacency, expected, atol=1e-7, rtol=0)
 
 
@@ -63,7 +64,7 @@ def test_graph_holds_exactly_the_training_interactions(synthetic_dir):
     catalogue, num_users = datamodule.catalogue, datamodule.num_users
     rows, cols = datamodule.adjacency.indices().numpy()
     user_side = rows < num_users
-    edges = set(zip(rows[user_side].tolist(), (cols[user_side] - num_users).tolist()))
+    edges = set(zip(rows[user_side].tolist(), (cols[user_side] - num_users).tolist(), strict=False))
     training = {(user, int(item)) for user in range(catalogue.num_users) for item in catalogue.sequence(user)[:-2]}
     assert edges == training
     # so a held-out target is an edge only when the user also had it in training (a repeat)
@@ -112,7 +113,7 @@ def test_edge_weighted_propagation_gradients():
     torch.testing.assert_close(graph.propagate(x, values), dense @ x)
     assert torch.autograd.gradcheck(lambda v, e: graph.propagate(e, v), (values, x))
     for norm in ("row", "symmetric"):
-        assert torch.autograd.gradcheck(lambda e: graph.similarity_weights(e, norm), (x,))
+        assert torch.autograd.gradcheck(lambda e, norm=norm: graph.similarity_weights(e, norm), (x,))
     # row normalisation: the adaptive weights of every non-isolated node sum to one
     row_sums = torch.zeros(7, dtype=torch.double).index_add_(0, graph.head, graph.similarity_weights(x, "row"))
     torch.testing.assert_close(row_sums[:6], torch.ones(6, dtype=torch.double))
@@ -143,7 +144,9 @@ def test_negatives_never_hit_a_training_interaction(synthetic_dir):
     for epoch in (0, 1):
         negatives = dataset.negatives(epoch)
         assert negatives.shape == (len(dataset), 8)
-        assert not any((int(u), int(n)) in training for u, row in zip(dataset.users, negatives) for n in row)
+        assert not any(
+            (int(u), int(n)) in training for u, row in zip(dataset.users, negatives, strict=False) for n in row
+        )
     assert not np.array_equal(dataset.negatives(0), dataset.negatives(1))  # re-drawn every epoch
     # a user who has all items but one: rejection sampling must converge on that item
     keys = np.arange(9, dtype=np.int64)  # user 0 with items 0..8 of 10
@@ -172,10 +175,12 @@ def test_history_fold_in_adds_recency_weighted_items(tmp_path):
     # user 0 has a one-item history behind padding, user 3 a four-item one (only the last three count)
     batch = {"user": torch.tensor([0, 3]), "history": torch.tensor([[pad, pad, pad, 0], [2, 4, 0, 1]])}
     torch.testing.assert_close(plain.score_items(batch), users[[0, 3]] @ items.T)
-    expected_users = torch.stack([
-        users[0] + 2.0 * items[0],
-        users[3] + 2.0 * (0.25 * items[4] + 0.5 * items[0] + 1.0 * items[1]),
-    ])
+    expected_users = torch.stack(
+        [
+            users[0] + 2.0 * items[0],
+            users[3] + 2.0 * (0.25 * items[4] + 0.5 * items[0] + 1.0 * items[1]),
+        ]
+    )
     torch.testing.assert_close(folded.score_items(batch), expected_users @ items.T)
     # scoring only: the exported embeddings are the plain model's
     torch.testing.assert_close(folded.item_embeddings(), items)
@@ -193,7 +198,9 @@ def _exporter_override(tmp_path, output_dir, config="synthetic/dccf.yaml", **exp
     """A config piece that re-points (or adds) the ItemEmbeddingExporter of a shipped config."""
     callbacks = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["callbacks"]
     callbacks = [cb for cb in callbacks if cb["class_path"] != "callbacks.ItemEmbeddingExporter"]
-    callbacks.append({"class_path": "callbacks.ItemEmbeddingExporter", "init_args": {"output_dir": str(output_dir), **exporter_args}})
+    callbacks.append(
+        {"class_path": "callbacks.ItemEmbeddingExporter", "init_args": {"output_dir": str(output_dir), **exporter_args}}
+    )
     path = tmp_path / f"exporter_{len(list(tmp_path.glob('exporter_*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     return ["--config", str(path)]
@@ -201,7 +208,14 @@ def _exporter_override(tmp_path, output_dir, config="synthetic/dccf.yaml", **exp
 
 def test_fit_test_and_export_round_trip(synthetic_dir, tmp_path):
     out, root = tmp_path / "embeddings", tmp_path / "run"
-    main(["fit", *tiny_run_args("synthetic/dccf.yaml", synthetic_dir, root, "--trainer.max_epochs=2", *_exporter_override(tmp_path, out))])
+    main(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/dccf.yaml", synthetic_dir, root, "--trainer.max_epochs=2", *_exporter_override(tmp_path, out)
+            ),
+        ]
+    )
     test_metrics = json.loads((root / "csv" / "version_0" / "test_metrics.json").read_text())["metrics"]
     assert 0 <= test_metrics["ndcg@10"] <= test_metrics["hr@10"] <= 1
 
@@ -240,7 +254,9 @@ def test_export_refuses_another_datasets_artifact(synthetic_dir, tmp_path, capsy
 
 def test_exporter_works_for_sasrec(synthetic_dir, tmp_path):
     out = tmp_path / "sasrec_embeddings"
-    args = tiny_run_args("synthetic/sasrec.yaml", synthetic_dir, tmp_path / "run", "--trainer.max_epochs=1", "--test_after_fit=false")
+    args = tiny_run_args(
+        "synthetic/sasrec.yaml", synthetic_dir, tmp_path / "run", "--trainer.max_epochs=1", "--test_after_fit=false"
+    )
     main(["fit", *args, *_exporter_override(tmp_path, out, config="synthetic/sasrec.yaml")])
     embeddings, provenance = load_item_embeddings(out, load_lcrec(synthetic_dir, "Synthetic"))
     manifest = provenance["manifest"]

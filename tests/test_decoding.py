@@ -19,7 +19,12 @@ from callbacks.beam_eval import BeamSearchEvaluator
 from datamodules.base import RecDataModule
 from experiments.bench_decoding import dict_trie_prefix_fn, unshared_prompts
 from lightning_modules.components.decoding import (
-    BeamBatchResult, DecodingConfig, beam_eval_batch, beam_generation_config, cache_keyword, generate_topk,
+    BeamBatchResult,
+    DecodingConfig,
+    beam_eval_batch,
+    beam_generation_config,
+    cache_keyword,
+    generate_topk,
 )
 from lightning_modules.components.trie import CodeCollisionError, CodeTrie, TrieLogitsProcessor
 from lightning_modules.metrics import rank_in_list
@@ -32,13 +37,24 @@ LEVELS = (range(10, 14), range(20, 24), range(30, 34))  # 3 code levels of 4 tok
 
 def make_codes(count: int, seed: int = 1) -> list[tuple[int, ...]]:
     every = list(itertools.product(*LEVELS))
-    return [every[i] for i in torch.randperm(len(every), generator=torch.Generator().manual_seed(seed))[:count].tolist()]
+    return [
+        every[i] for i in torch.randperm(len(every), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    ]
 
 
 def tiny_model(vocab: int = V, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # peaky distributions: well-separated item scores
@@ -70,7 +86,11 @@ def test_colliding_index_names_the_items():
     with pytest.raises(CodeCollisionError, match="items 5 and 7 share"):
         CodeTrie([(10, 20), (11, 20), (10, 20)], EOS, items=[5, 6, 7])
     index = {"0": ["<a_1>", "<b_1>"], "1": ["<a_1>", "<b_1>"], "2": ["<a_2>", "<b_1>"]}
-    tokenizer = SimpleNamespace(eos_token_id=EOS, unk_token_id=PAD, convert_tokens_to_ids=lambda ts: [10 + int(t[3:-1]) + 10 * (t[1] == "b") for t in ts])
+    tokenizer = SimpleNamespace(
+        eos_token_id=EOS,
+        unk_token_id=PAD,
+        convert_tokens_to_ids=lambda ts: [10 + int(t[3:-1]) + 10 * (t[1] == "b") for t in ts],
+    )
     with pytest.raises(CodeCollisionError, match="items 0 and 1"):
         CodeTrie.from_index(index, tokenizer)
     assert sorted(CodeTrie.from_index(index, tokenizer, dedupe=True).item_of_leaf.tolist()) == [0, 2]
@@ -126,7 +146,9 @@ def test_renormalised_beam_search_equals_brute_force_over_the_trie():
     model, codes = tiny_model(seed=5), make_codes(12, seed=4)
     trie = CodeTrie(codes, EOS)
     ids, mask = left_padded([6, 6])
-    items, scores = generate_topk(model, TOKENIZER, ids, mask, trie, num_beams=16, num_return_sequences=16, renormalize=True)
+    items, scores = generate_topk(
+        model, TOKENIZER, ids, mask, trie, num_beams=16, num_return_sequences=16, renormalize=True
+    )
     children: dict[tuple[int, ...], list[int]] = {}
     for code in codes:
         for depth in range(len(code)):
@@ -139,7 +161,10 @@ def test_renormalised_beam_search_equals_brute_force_over_the_trie():
             logits = model(sequences).logits.float()[:, ids.shape[1] - 1 : -1]
         totals = []
         for n, code in enumerate(codes):
-            steps = [torch.log_softmax(logits[n, d, children[code[:d]]], dim=0)[children[code[:d]].index(code[d])] for d in range(len(code))]
+            steps = [
+                torch.log_softmax(logits[n, d, children[code[:d]]], dim=0)[children[code[:d]].index(code[d])]
+                for d in range(len(code))
+            ]
             totals.append(sum(steps))  # the forced EOS contributes log 1 = 0
         totals = torch.stack(totals)
         order = totals.argsort(descending=True)
@@ -174,7 +199,9 @@ def test_peft_wrapped_model():
     trie = CodeTrie(codes, EOS)
     ids, mask = left_padded([5, 3])
     expected = generate_topk(model, TOKENIZER, ids, mask, trie, 6, 6)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # LoRA B = 0: same outputs
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )  # LoRA B = 0: same outputs
     wrapped.eval()
     items, scores = generate_topk(wrapped, TOKENIZER, ids, mask, trie, 6, 6)
     assert torch.equal(items, expected[0])
@@ -245,7 +272,9 @@ class PromptData(RecDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.catalogue = SimpleNamespace(user_ids=np.arange(self.num_users) + 1000)
-        self.sets = {stage: PromptSamples(self.num_users, self.num_items, seed) for seed, stage in enumerate(("valid", "test"))}
+        self.sets = {
+            stage: PromptSamples(self.num_users, self.num_items, seed) for seed, stage in enumerate(("valid", "test"))
+        }
 
     def train_dataloader(self):
         return self._loader(self.sets["valid"], self.batch_size, shuffle=True)
@@ -278,18 +307,34 @@ class TinyRecommender(L.LightningModule):
 
 
 def run_test(root: Path, module: L.LightningModule, data: RecDataModule, **trainer_args) -> L.Trainer:
-    trainer = L.Trainer(default_root_dir=root, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        accelerator="cpu", **trainer_args)
+    trainer = L.Trainer(
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        **trainer_args,
+    )
     trainer.test(module, datamodule=data)
     return trainer
 
 
 def test_callback_metrics_on_a_hand_made_case(tmp_path):
     evaluator = BeamSearchEvaluator(output_dir=str(tmp_path / "out"))
-    trainer = run_test(tmp_path, TinyRecommender(ranking={0: 0, 1: 3, 2: 7}), PromptData(num_users=8), callbacks=[evaluator],
-                       logger=L.pytorch.loggers.CSVLogger(tmp_path))
-    expected = {"hr@1": 1 / 8, "hr@5": 2 / 8, "hr@10": 3 / 8, "ndcg@5": (1 + 1 / math.log2(5)) / 8,
-                "ndcg@10": (1 + 1 / math.log2(5) + 1 / math.log2(9)) / 8}
+    trainer = run_test(
+        tmp_path,
+        TinyRecommender(ranking={0: 0, 1: 3, 2: 7}),
+        PromptData(num_users=8),
+        callbacks=[evaluator],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    )
+    expected = {
+        "hr@1": 1 / 8,
+        "hr@5": 2 / 8,
+        "hr@10": 3 / 8,
+        "ndcg@5": (1 + 1 / math.log2(5)) / 8,
+        "ndcg@10": (1 + 1 / math.log2(5) + 1 / math.log2(9)) / 8,
+    }
     record = json.loads((tmp_path / "out" / "beam_test_metrics.json").read_text())
     assert record["metrics"] == pytest.approx(expected) and record["users"] == 8 == record["dataset_size"]
     lines = [json.loads(line) for line in (tmp_path / "out" / "topk_test.rank0.jsonl").read_text().splitlines()]
@@ -301,7 +346,11 @@ def test_callback_metrics_on_a_hand_made_case(tmp_path):
 
 
 def read_shards(directory: Path) -> dict[int, list[int]]:
-    lines = [json.loads(line) for path in sorted(directory.glob("topk_test.rank*.jsonl")) for line in path.read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for path in sorted(directory.glob("topk_test.rank*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
     users = [line["user"] for line in lines]
     assert len(users) == len(set(users)), "a user was evaluated twice"
     return {line["user"]: line["items"] for line in lines}
@@ -309,9 +358,18 @@ def read_shards(directory: Path) -> dict[int, list[int]]:
 
 def test_ddp_two_processes_match_single_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_test(tmp_path, TinyRecommender(), PromptData(), devices=1, logger=False, callbacks=[BeamSearchEvaluator(str(single))])
-    run_test(tmp_path, TinyRecommender(), PromptData(), devices=2, strategy="ddp_spawn", logger=False,
-             callbacks=[BeamSearchEvaluator(str(ddp))])
+    run_test(
+        tmp_path, TinyRecommender(), PromptData(), devices=1, logger=False, callbacks=[BeamSearchEvaluator(str(single))]
+    )
+    run_test(
+        tmp_path,
+        TinyRecommender(),
+        PromptData(),
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        callbacks=[BeamSearchEvaluator(str(ddp))],
+    )
     one = json.loads((single / "beam_test_metrics.json").read_text())
     two = json.loads((ddp / "beam_test_metrics.json").read_text())
     assert two["world_size"] == 2 and two["users"] == one["users"] == 37
@@ -355,7 +413,7 @@ def test_blocked_nodes_are_the_prefixes_whose_items_are_all_excluded():
     items = torch.tensor([item for items in exclusions.values() for item in items])
     blocked = trie.blocked_nodes(rows, items, num_prompts=3)
     for row, excluded in exclusions.items():
-        for n, code in enumerate(codes):
+        for code in codes:
             for depth in range(1, trie.code_length + 1):
                 node = trie.walk(torch.tensor([code[:depth]]))[0]
                 below = [200 + m for m, other in enumerate(codes) if other[:depth] == code[:depth]]
@@ -373,8 +431,17 @@ def test_excluded_items_never_returned_and_the_rest_keep_their_exact_order(renor
     branch = [300 + n for n, code in enumerate(codes) if code[:1] == codes[0][:1]]
     excluded = {0: full_items[0, :3].tolist(), 1: branch, 2: list(range(300, 314))}  # the top 3, a whole prefix, all
     rows = torch.tensor([row for row, items in excluded.items() for _ in items])
-    items, scores = generate_topk(model, TOKENIZER, ids, mask, trie, 16, 16, renormalize=renormalize,
-                                  exclude=(rows, torch.tensor([item for items in excluded.values() for item in items])))
+    items, scores = generate_topk(
+        model,
+        TOKENIZER,
+        ids,
+        mask,
+        trie,
+        16,
+        16,
+        renormalize=renormalize,
+        exclude=(rows, torch.tensor([item for items in excluded.values() for item in items])),
+    )
     for row in range(3):
         keep = [n for n, item in enumerate(full_items[row].tolist()) if item >= 0 and item not in excluded[row]]
         assert items[row, : len(keep)].tolist() == full_items[row, keep].tolist()
@@ -388,11 +455,21 @@ def test_mask_history_fills_every_slot_with_unseen_items():
     model, codes = tiny_model(seed=9), make_codes(40, seed=10)
     trie = CodeTrie(codes, EOS)
     ids, mask = left_padded([5, 7], seed=3)
-    unmasked = beam_eval_batch(model, TOKENIZER, trie, {"input_ids": ids, "attention_mask": mask, "target_item": torch.tensor([0, 1])},
-                               DecodingConfig(num_beams=6, top_k=6))
+    unmasked = beam_eval_batch(
+        model,
+        TOKENIZER,
+        trie,
+        {"input_ids": ids, "attention_mask": mask, "target_item": torch.tensor([0, 1])},
+        DecodingConfig(num_beams=6, top_k=6),
+    )
     seen_items = unmasked.items[:, :4].flatten()  # each user "has" their 4 best-scored items
-    batch = {"input_ids": ids, "attention_mask": mask, "seen_rows": torch.tensor([0] * 4 + [1] * 4), "seen_items": seen_items,
-             "target_item": unmasked.items[:, 4]}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "seen_rows": torch.tensor([0] * 4 + [1] * 4),
+        "seen_items": seen_items,
+        "target_item": unmasked.items[:, 4],
+    }
     masked = beam_eval_batch(model, TOKENIZER, trie, batch, DecodingConfig(num_beams=6, top_k=6, mask_history=True))
     assert (masked.items >= 0).all()  # 6 unseen items each, not 2
     for row in range(2):

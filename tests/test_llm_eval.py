@@ -133,8 +133,9 @@ PREDICT_USERS = (11, 4, 250)  # synthetic user ids are their catalogue rows
 def _predict_in_process(checkpoint, synthetic_dir, index, users) -> dict[str, torch.Tensor]:
     """The checkpoint's module, built by hand, ranking the predict batch of ``users``."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index),
-                          predict_users=str(users))
+    dm = PromptDataModule(
+        data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), predict_users=str(users)
+    )
     dm.setup("predict")
     module = GenerativeRecommender(**{k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")})
     module._trainer = SimpleNamespace(datamodule=dm)

@@ -31,7 +31,9 @@ def test_untied_by_default_and_reused_only_with_the_same_shape(tmp_path, tokeniz
     out = tmp_path / "tiny"
     script.make_tiny_llama(out, tokenizer_dir, hidden=16, layers=1, heads=2, seed=0)
     config = json.loads((out / "config.json").read_text())
-    assert config["tie_word_embeddings"] is False and config["intermediate_size"] == 43 and config["vocab_size"] == 32000
+    assert (
+        config["tie_word_embeddings"] is False and config["intermediate_size"] == 43 and config["vocab_size"] == 32000
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
     assert not torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
@@ -48,6 +50,8 @@ def test_untied_by_default_and_reused_only_with_the_same_shape(tmp_path, tokeniz
 def test_tied_on_request(tmp_path, tokenizer_dir):
     from transformers import AutoModelForCausalLM
 
-    out = _script().make_tiny_llama(tmp_path / "tied", tokenizer_dir, hidden=16, layers=1, heads=2, seed=0, tie_embeddings=True)
+    out = _script().make_tiny_llama(
+        tmp_path / "tied", tokenizer_dir, hidden=16, layers=1, heads=2, seed=0, tie_embeddings=True
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

@@ -26,7 +26,7 @@ def test_fused_on_cpu_and_the_same_update_as_the_default_loop():
             for n, p in enumerate(group):
                 p.grad = torch.full_like(p, 0.1 * (step + 1) * (n + 1))
         fused.step(), loop.step()
-    for a, b in zip(fused_params, loop_params):
+    for a, b in zip(fused_params, loop_params, strict=False):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
@@ -42,7 +42,9 @@ def test_integer_or_meta_parameters_fall_back_to_the_default_implementation():
 def deepspeed_trainer(offload: bool) -> types.SimpleNamespace:
     """A stand-in trainer: ``adamw`` reads only ``trainer.strategy`` (a real one would need deepspeed's launcher)."""
     strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
-    strategy.config = {"zero_optimization": {"stage": 2, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}}
+    strategy.config = {
+        "zero_optimization": {"stage": 2, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
+    }
     return types.SimpleNamespace(strategy=strategy)
 
 

@@ -46,8 +46,15 @@ def test_pack_tree_by_hand():
 def packed_dm(request, synthetic_dir, tmp_path_factory) -> PromptDataModule:
     """Packs of one training prefix (and its negatives), or of up to 3 consecutive prefixes of a user."""
     index = write_index(tmp_path_factory.mktemp("index") / "index.json", synthetic_codes())
-    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=3, seed=5,
-                          pack_prompts=request.param)
+    dm = PromptDataModule(
+        data_dir=str(synthetic_dir),
+        source="lcrec",
+        dataset="Synthetic",
+        index=str(index),
+        negative_ratio=3,
+        seed=5,
+        pack_prompts=request.param,
+    )
     dm.setup("fit")
     return dm
 
@@ -100,13 +107,17 @@ def _module(dm, tokenizer, code_softmax: str, attn_implementation: str = "sdpa")
     return module
 
 
-@pytest.mark.parametrize("code_softmax,attn_implementation", [("trie", "sdpa"), ("vocabulary", "sdpa"), ("trie", "eager")])
+@pytest.mark.parametrize(
+    "code_softmax,attn_implementation", [("trie", "sdpa"), ("vocabulary", "sdpa"), ("trie", "eager")]
+)
 def test_packed_loss_and_gradients_equal_unpacked(packed_dm, tiny_tokenizer, code_softmax, attn_implementation):
     """The same samples, packed as trees or one per row: the same loss and the same gradients."""
     module = _module(packed_dm, tiny_tokenizer, code_softmax, attn_implementation)
     tasks = packed_dm.prompts
     first_task = tasks.task[tasks.pack_rows[tasks.pack_offsets[:-1]]]
-    units = np.concatenate([np.flatnonzero(first_task == SEQUENTIAL_TASK)[:5], np.flatnonzero(first_task == TEXT_TASK)[:3]])
+    units = np.concatenate(
+        [np.flatnonzero(first_task == SEQUENTIAL_TASK)[:5], np.flatnonzero(first_task == TEXT_TASK)[:3]]
+    )
     rows = np.concatenate(tasks.unit_rows(units))
     packed, unpacked = tasks.train_batch(units), tasks.sample_batch(rows)
     assert len(packed["input_ids"]) == len(units) and len(unpacked["input_ids"]) == len(rows) == len(packed["task"])
@@ -134,7 +145,7 @@ def test_packed_samples_over_max_length_are_dropped_and_counted(packed_dm, tiny_
     units = behaviour[np.argsort(tasks.approx_lengths()[behaviour])[[0, -1]]]  # the shortest and the longest pack
     rows = np.concatenate(tasks.unit_rows(units))
     prompt_ids, response_ids, task, _ = tasks._tokenized(rows)
-    lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)])
+    lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=False)])
     limit = int(np.median(lengths))
     saved, tasks.max_length = tasks.max_length, limit
     try:
@@ -143,7 +154,9 @@ def test_packed_samples_over_max_length_are_dropped_and_counted(packed_dm, tiny_
         tasks.max_length = saved
     too_long = lengths > limit
     assert batch["dropped"].tolist() == np.bincount(task[too_long], minlength=4).tolist() and too_long.any()
-    assert len(batch["task"]) == int((~too_long).sum()) and (batch["labels"] != -100).sum() == sum(len(r) for r, long in zip(response_ids, too_long) if not long)
+    assert len(batch["task"]) == int((~too_long).sum()) and (batch["labels"] != -100).sum() == sum(
+        len(r) for r, long in zip(response_ids, too_long, strict=False) if not long
+    )
 
 
 def test_flash_attention_cannot_take_a_tree_mask(packed_dm):
@@ -159,10 +172,28 @@ def test_fit_with_packed_prompts_through_the_cli(synthetic_dir, tiny_tokenizer, 
     index = write_index(tmp_path / "index.json", synthetic_codes())
     root = tmp_path / "run"
     callbacks = _callbacks(tmp_path, tmp_path / "llm")
-    main(["fit", *llm_run_args(synthetic_dir, root, tiny_tokenizer, "--config", str(callbacks),
-                                "--data.init_args.index", str(index), "--data.init_args.pack_prompts=2", "--data.init_args.batch_size=4",
-                                "--data.init_args.eval_max_users=8", "--model.init_args.code_softmax=trie", "--model.init_args.mask_history=true",
-                                "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1")])
+    main(
+        [
+            "fit",
+            *llm_run_args(
+                synthetic_dir,
+                root,
+                tiny_tokenizer,
+                "--config",
+                str(callbacks),
+                "--data.init_args.index",
+                str(index),
+                "--data.init_args.pack_prompts=2",
+                "--data.init_args.batch_size=4",
+                "--data.init_args.eval_max_users=8",
+                "--model.init_args.code_softmax=trie",
+                "--model.init_args.mask_history=true",
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=3",
+                "--trainer.log_every_n_steps=1",
+            ),
+        ]
+    )
     rows = list(csv.DictReader((root / "csv" / "version_0" / "metrics.csv").open()))
     steps = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     epoch_means = [float(row["train/loss_epoch"]) for row in rows if row.get("train/loss_epoch")]

@@ -15,12 +15,26 @@ def test_most_popular_hand_computed(tmp_path):
     sequences = {0: [0, 1, 2, 3, 4], 1: [1, 2, 0, 3], 2: [2, 4, 3]}
     write_lcrec(tmp_path / "data", "Toy", sequences, item_text={i: {"title": str(i)} for i in range(6)})
     root = tmp_path / "run"
-    main([
-        "test", "--model", "lightning_modules.MostPopular", "--model.init_args.mask_history", "false",
-        "--data", "datamodules.SequenceDataModule", "--data.init_args.data_dir", str(tmp_path / "data"),
-        "--trainer.default_root_dir", str(root), "--trainer.callbacks+=callbacks.MetricsWriter",
-        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-    ])
+    main(
+        [
+            "test",
+            "--model",
+            "lightning_modules.MostPopular",
+            "--model.init_args.mask_history",
+            "false",
+            "--data",
+            "datamodules.SequenceDataModule",
+            "--data.init_args.data_dir",
+            str(tmp_path / "data"),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.callbacks+=callbacks.MetricsWriter",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     import json
 
     metrics = json.loads((root / "test_metrics.json").read_text())["metrics"]

@@ -1,4 +1,5 @@
-"""Stage 3 (Alignment Tasks): item index checks, prompts and label masks, negatives, queries, the LLM module, CLI runs."""
+"""Stage 3 (Alignment Tasks): item index checks, prompts and label masks, negatives, queries, the LLM module, CLI "
+"runs."""
 
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ LC_REC_EVAL = (
     "### Instruction:\nThe user has interacted with items {history} in chronological order. Can you predict the next "
     "possible item that the user may expect?\n\n### Response:"
 )
-TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 
 
 def synthetic_codes(num_items: int = 120) -> np.ndarray:
@@ -40,7 +47,11 @@ def synthetic_codes(num_items: int = 120) -> np.ndarray:
 def write_index(path: Path, codes: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     letters = "abcdefgh"
-    path.write_text(json.dumps({str(i): [f"<{letters[l]}_{c}>" for l, c in enumerate(row)] for i, row in enumerate(codes.tolist())}))
+    path.write_text(
+        json.dumps(
+            {str(i): [f"<{letters[level]}_{c}>" for level, c in enumerate(row)] for i, row in enumerate(codes.tolist())}
+        )
+    )
     return path
 
 
@@ -50,8 +61,17 @@ def write_export(directory: Path, catalogue, codes: np.ndarray | None = None, **
     with ArtifactWriter(directory, "code_index") as writer:
         write_index(writer.path("index.json"), codes)
         writer.save_torch("code_vectors.pt", torch.randn(3, 8, 16))
-        writer.commit({"dataset": catalogue.fingerprint(), "num_levels": 3, "codebook_size": 8, "tokens_per_item": 3,
-                       "final_collision_rate": 0.0, "code_vectors": "code_vectors.pt", **manifest})
+        writer.commit(
+            {
+                "dataset": catalogue.fingerprint(),
+                "num_levels": 3,
+                "codebook_size": 8,
+                "tokens_per_item": 3,
+                "final_collision_rate": 0.0,
+                "code_vectors": "code_vectors.pt",
+                **manifest,
+            }
+        )
     return directory
 
 
@@ -68,8 +88,9 @@ def load_tokenizer(path: Path, vocabulary: list[str] | None = None):
 
 def full_model(tokenizer: Path, **model_args) -> GenerativeRecommender:
     """A full-fine-tuning tiny Llama module built from scratch with the tokenizer at ``tokenizer``."""
-    return GenerativeRecommender(tokenizer_path=str(tokenizer), llama_config=TINY_LLAMA, lora=False, full_finetune=True,
-                                 **model_args)
+    return GenerativeRecommender(
+        tokenizer_path=str(tokenizer), llama_config=TINY_LLAMA, lora=False, full_finetune=True, **model_args
+    )
 
 
 def llm_run_args(data_dir: Path, root: Path, tokenizer: Path, *extra: str) -> list[str]:
@@ -80,7 +101,9 @@ def llm_run_args(data_dir: Path, root: Path, tokenizer: Path, *extra: str) -> li
 def _prompt_dm(synthetic_dir: Path, directory: Path, tokenizer: Path) -> PromptDataModule:
     """Tiny synthetic prompts (negative ratio 2) with the tokenizer at ``tokenizer`` prepared as the model does."""
     index = write_index(directory / "index.json", synthetic_codes())
-    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=2, seed=7)
+    dm = PromptDataModule(
+        data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=2, seed=7
+    )
     dm.setup("fit")
     dm.set_tokenizer(load_tokenizer(tokenizer, dm.item_index.vocabulary()))
     return dm
@@ -126,8 +149,14 @@ def test_colliding_index_is_an_error_unless_deduplicated(synthetic_dir, tmp_path
     with pytest.raises(DataFormatError, match=r"3 items share a code tuple .*dedupe_collisions"):
         load_item_index(path, catalogue)
     index = load_item_index(path, catalogue, dedupe_collisions=True)
-    assert index.tokens_per_item == 4 and index.deduplicated == 2 and len({tuple(row) for row in index.codes.tolist()}) == 120
-    assert index.codes[[5, 9, 77], 3].tolist() == [0, 1, 2] and (np.delete(index.codes, [9, 77], axis=0)[:, 3] == 0).all()
+    assert (
+        index.tokens_per_item == 4
+        and index.deduplicated == 2
+        and len({tuple(row) for row in index.codes.tolist()}) == 120
+    )
+    assert (
+        index.codes[[5, 9, 77], 3].tolist() == [0, 1, 2] and (np.delete(index.codes, [9, 77], axis=0)[:, 3] == 0).all()
+    )
     assert index.vocabulary()[-3:] == ["<d_0>", "<d_1>", "<d_2>"]
 
 
@@ -155,12 +184,16 @@ def test_every_task_prompt_and_label_mask(dm, request):
         for j, row in enumerate(rows):
             assert prompts[j].startswith("Below is an instruction") and prompts[j].endswith("\n\n### Response:")
             prompt_ids = tokenizer(prompts[j])["input_ids"]
-            response_ids = tasks.code_ids[responses[j]].tolist() if task != TEXT_TASK or isinstance(responses[j], int) else None
+            response_ids = (
+                tasks.code_ids[responses[j]].tolist() if task != TEXT_TASK or isinstance(responses[j], int) else None
+            )
             if response_ids is None:
                 response_ids = tokenizer(responses[j], add_special_tokens=False)["input_ids"]
             expected, n = prompt_ids + response_ids + [tokenizer.eos_token_id], len(prompt_ids) + len(response_ids) + 1
             assert batch["input_ids"][j, :n].tolist() == expected
-            assert (batch["input_ids"][j, n:] == tokenizer.pad_token_id).all() and int(batch["attention_mask"][j].sum()) == n
+            assert (batch["input_ids"][j, n:] == tokenizer.pad_token_id).all() and int(
+                batch["attention_mask"][j].sum()
+            ) == n
             labels = batch["labels"][j]
             assert (labels[: len(prompt_ids)] == -100).all() and (labels[n:] == -100).all()
             assert labels[len(prompt_ids) : n].tolist() == response_ids + [tokenizer.eos_token_id]
@@ -175,7 +208,11 @@ def test_every_task_prompt_and_label_mask(dm, request):
                 else:
                     assert item not in catalogue.sequence(tasks.split.train.user[source])
             elif task == TEXT_TASK:
-                assert isinstance(responses[j], str) or tasks.texts["title"][item] in prompts[j] or tasks.texts["description"][item] in prompts[j]
+                assert (
+                    isinstance(responses[j], str)
+                    or tasks.texts["title"][item] in prompts[j]
+                    or tasks.texts["description"][item] in prompts[j]
+                )
             else:
                 assert tasks.query_text[source] in prompts[j] and responses[j] == item
 
@@ -194,7 +231,11 @@ def test_eval_batches_are_lc_rec_prompts(dm, request):
                 text = LC_REC_EVAL.format(history=", ".join(code_text[i] for i in sequence[:-offset][-20:]))
                 ids = tokenizer(text)["input_ids"]
                 mask = batch["attention_mask"][j].bool()
-                assert batch["input_ids"][j][mask].tolist() == ids and mask[-len(ids) :].all() and not mask[: -len(ids)].any()
+                assert (
+                    batch["input_ids"][j][mask].tolist() == ids
+                    and mask[-len(ids) :].all()
+                    and not mask[: -len(ids)].any()
+                )
                 assert int(batch["target_item"][j]) == sequence[-offset]
                 users.append(user)
         assert users == list(range(catalogue.num_users))
@@ -207,7 +248,11 @@ def test_eval_user_subset_and_test_all_users(prompt_dm):
     try:
         prompt_dm.eval_max_users = 5
         subset = prompt_dm.eval_rows("valid")
-        assert len(subset) == 5 and np.array_equal(subset, np.unique(subset)) and np.array_equal(prompt_dm.eval_rows("test"), subset)
+        assert (
+            len(subset) == 5
+            and np.array_equal(subset, np.unique(subset))
+            and np.array_equal(prompt_dm.eval_rows("test"), subset)
+        )
         prompt_dm.test_all_users = True
         assert np.array_equal(prompt_dm.eval_rows("valid"), subset)
         assert np.array_equal(prompt_dm.eval_rows("test"), np.arange(num_users))
@@ -264,7 +309,9 @@ def test_long_samples_are_dropped_and_counted(prompt_dm):
     prompts, responses = tasks.render(np.arange(len(tasks)))
     text = [i for i, response in enumerate(responses) if isinstance(response, str)]
     response_lengths = np.array([tasks.item_index.tokens_per_item if isinstance(r, int) else 0 for r in responses])
-    response_lengths[text] = [len(ids) for ids in base.tokenizer([responses[i] for i in text], add_special_tokens=False)["input_ids"]]
+    response_lengths[text] = [
+        len(ids) for ids in base.tokenizer([responses[i] for i in text], add_special_tokens=False)["input_ids"]
+    ]
     lengths = np.array([len(ids) for ids in base.tokenizer(prompts)["input_ids"]]) + response_lengths + 1
     assert 0 < (lengths > 90).sum() < len(tasks)
     dropped, kept = np.zeros(len(TASKS), dtype=int), 0
@@ -306,7 +353,11 @@ def test_task_weights_and_presets(prompt_dm):
         return PromptTasks(base.catalogue, base.split, base.item_index, weights, ratio, 2048, seed=0).counts
 
     assert counts(TaskWeights(sequential=2.0, text=0.5, query=0.0), 0) == {
-        "sequential": 2 * natural["sequential"], "negative": 0, "text": round(natural["text"] / 2), "query": 0}
+        "sequential": 2 * natural["sequential"],
+        "negative": 0,
+        "text": round(natural["text"] / 2),
+        "query": 0,
+    }
     assert counts(TaskWeights(negative=0.5), 3)["negative"] == round(1.5 * natural["sequential"])
     behaviour = PromptDataModule(preset="behaviour_only").task_weights
     assert behaviour.text == behaviour.query == 0 and behaviour.sequential == behaviour.negative == 1
@@ -323,10 +374,14 @@ def test_tokenizer_without_pad_token_gets_one(tiny_tokenizer, tmp_path, caplog):
     assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == vocab_size and module.pad_token_added
     assert "no pad token: added <pad>" in caplog.text
     tokenizer.save_pretrained(tmp_path / "with_pad")
-    module = GenerativeRecommender(tokenizer_path=str(tmp_path / "with_pad"), llama_config=TINY_LLAMA, lora=False, full_finetune=True)
+    module = GenerativeRecommender(
+        tokenizer_path=str(tmp_path / "with_pad"), llama_config=TINY_LLAMA, lora=False, full_finetune=True
+    )
     assert module._load_tokenizer().pad_token_id == vocab_size and not module.pad_token_added
     with pytest.raises(ValueError, match="choose one training mode"):
-        GenerativeRecommender(tokenizer_path=str(tiny_tokenizer), llama_config=TINY_LLAMA, lora=True, full_finetune=True)
+        GenerativeRecommender(
+            tokenizer_path=str(tiny_tokenizer), llama_config=TINY_LLAMA, lora=True, full_finetune=True
+        )
 
 
 def test_mlp_code_embedding_init(synthetic_dir, tiny_tokenizer, tmp_path):
@@ -365,7 +420,9 @@ def test_trie_code_softmax_loss_by_hand(synthetic_dir, tiny_tokenizer, tmp_path)
 
     codes = synthetic_codes()
     index = write_index(tmp_path / "index.json", codes)
-    dm = PromptDataModule(data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=1, seed=3)
+    dm = PromptDataModule(
+        data_dir=str(synthetic_dir), source="lcrec", dataset="Synthetic", index=str(index), negative_ratio=1, seed=3
+    )
     dm.setup("fit")
     torch.manual_seed(0)
     module = full_model(tiny_tokenizer, code_softmax="trie")
@@ -373,7 +430,9 @@ def test_trie_code_softmax_loss_by_hand(synthetic_dir, tiny_tokenizer, tmp_path)
     module.setup("fit")
     module.configure_model()
     tasks = dm.prompts
-    rows = np.concatenate([np.flatnonzero(tasks.task == task)[:3] for task in (SEQUENTIAL_TASK, NEGATIVE_TASK, TEXT_TASK)])
+    rows = np.concatenate(
+        [np.flatnonzero(tasks.task == task)[:3] for task in (SEQUENTIAL_TASK, NEGATIVE_TASK, TEXT_TASK)]
+    )
     batch = tasks.train_batch(rows)
     assert any(isinstance(r, str) for r in tasks.render(rows)[1])  # a text response is in the batch
     loss = module.response_loss(batch)
@@ -427,7 +486,8 @@ def _callbacks(tmp_path: Path, export: Path, *extra: str) -> Path:
     override = tmp_path / "callbacks.yaml"
     override.write_text(
         "trainer:\n  enable_progress_bar: false\n  callbacks:\n"
-        "    - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {monitor: val/ndcg@10, mode: max}}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {monitor: val/ndcg@10, mode: max}\n"
         "    - class_path: callbacks.BeamSearchEvaluator\n"
         "    - class_path: callbacks.MetricsWriter\n"
         f"    - {{class_path: callbacks.LLMExporter, init_args: {{output_dir: '{export}'}}}}\n" + "".join(extra)
@@ -440,26 +500,65 @@ def test_fit_and_test_on_a_stage2_export(synthetic_dir, tiny_tokenizer, tmp_path
     torch.save(torch.randn(120, 16, generator=torch.Generator().manual_seed(0)), tmp_path / "item_embeddings.pt")
     codebook = tmp_path / "codebook"
     override = tmp_path / "codebook.yaml"
-    override.write_text(f"trainer:\n  enable_progress_bar: false\n  callbacks:\n    - {{class_path: callbacks.CodeIndexExporter, init_args: {{output_dir: '{codebook}'}}}}\n")
-    main(["fit", *tiny_run_args("synthetic/codebook.yaml", synthetic_dir, tmp_path / "stage2", "--config", str(override),
-                                "--data.init_args.embeddings", str(tmp_path / "item_embeddings.pt"), "--model.init_args.num_levels=3",
-                                "--model.init_args.codebook_size=8", "--trainer.max_epochs=1")])
+    override.write_text(
+        "trainer:\n  enable_progress_bar: false\n  callbacks:\n    - "
+        f"{{class_path: callbacks.CodeIndexExporter, init_args: {{output_dir: '{codebook}'}}}}\n"
+    )
+    main(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/codebook.yaml",
+                synthetic_dir,
+                tmp_path / "stage2",
+                "--config",
+                str(override),
+                "--data.init_args.embeddings",
+                str(tmp_path / "item_embeddings.pt"),
+                "--model.init_args.num_levels=3",
+                "--model.init_args.codebook_size=8",
+                "--trainer.max_epochs=1",
+            ),
+        ]
+    )
     root, export = tmp_path / "run", tmp_path / "llm"
-    main(["fit", *llm_run_args(synthetic_dir, root, tiny_tokenizer, "--config", str(_callbacks(tmp_path, export)),
-                                "--data.init_args.index", str(codebook), "--data.init_args.eval_max_users=8",
-                                "--model.init_args.code_embedding_init=mlp2", "--trainer.max_epochs=2", "--trainer.limit_train_batches=3")])
+    main(
+        [
+            "fit",
+            *llm_run_args(
+                synthetic_dir,
+                root,
+                tiny_tokenizer,
+                "--config",
+                str(_callbacks(tmp_path, export)),
+                "--data.init_args.index",
+                str(codebook),
+                "--data.init_args.eval_max_users=8",
+                "--model.init_args.code_embedding_init=mlp2",
+                "--trainer.max_epochs=2",
+                "--trainer.limit_train_batches=3",
+            ),
+        ]
+    )
     record = json.loads((root / "csv" / "version_0" / "test_metrics.json").read_text())
-    assert set(record["metrics"]) == {"hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10"} and record["best_checkpoint"].endswith(".ckpt")
+    assert set(record["metrics"]) == {"hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10"} and record[
+        "best_checkpoint"
+    ].endswith(".ckpt")
     assert 0 <= record["metrics"]["hr@1"] <= record["metrics"]["hr@10"] <= 1
     beam = json.loads((root / "csv" / "version_0" / "beam_test_metrics.json").read_text())
     assert beam["users"] == beam["dataset_size"] == 8 and set(beam["metrics"]) == set(record["metrics"])
     manifest = json.loads((export / "manifest.json").read_text())
     stage2 = json.loads((codebook / "manifest.json").read_text())
     assert manifest["dataset"] == stage2["dataset"] and manifest["num_levels"] == 3 and manifest["codebook_size"] == 8
-    assert manifest["weights"] == "model" and manifest["pad_token_added"] and manifest["llama_config"]["hidden_size"] == 64
+    assert (
+        manifest["weights"] == "model" and manifest["pad_token_added"] and manifest["llama_config"]["hidden_size"] == 64
+    )
     assert json.loads((export / "index.json").read_text()) == json.loads((codebook / "index.json").read_text())
     model, tokenizer, _ = load_exported_llm(export)
-    assert tokenizer.pad_token == "<pad>" and tokenizer.convert_tokens_to_ids("<c_7>") < model.get_input_embeddings().weight.shape[0]
+    assert (
+        tokenizer.pad_token == "<pad>"
+        and tokenizer.convert_tokens_to_ids("<c_7>") < model.get_input_embeddings().weight.shape[0]
+    )
 
 
 def test_ema_weight_averaging_builds_the_model_before_setup(synthetic_dir, tiny_tokenizer, tmp_path):
@@ -467,14 +566,35 @@ def test_ema_weight_averaging_builds_the_model_before_setup(synthetic_dir, tiny_
     the checkpoint keeps the averaged weights (what validation and test see) next to the live ones."""
     index = write_index(tmp_path / "index.json", synthetic_codes())
     root, export = tmp_path / "run", tmp_path / "llm"
-    ema = "    - {class_path: lightning.pytorch.callbacks.EMAWeightAveraging, init_args: {decay: 0.5, use_buffers: false}}\n"
-    main(["fit", *llm_run_args(synthetic_dir, root, tiny_tokenizer, "--config", str(_callbacks(tmp_path, export, ema)),
-                                "--data.init_args.index", str(index), "--data.init_args.eval_max_users=4",
-                                "--trainer.max_epochs=1", "--trainer.limit_train_batches=4")])
-    checkpoint = torch.load(next((root / "csv" / "version_0" / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
+    ema = (
+        "    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging\n"
+        "      init_args: {decay: 0.5, use_buffers: false}\n"
+    )
+    main(
+        [
+            "fit",
+            *llm_run_args(
+                synthetic_dir,
+                root,
+                tiny_tokenizer,
+                "--config",
+                str(_callbacks(tmp_path, export, ema)),
+                "--data.init_args.index",
+                str(index),
+                "--data.init_args.eval_max_users=4",
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=4",
+            ),
+        ]
+    )
+    checkpoint = torch.load(
+        next((root / "csv" / "version_0" / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False
+    )
     averaged, live = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert averaged.keys() == live.keys() and checkpoint["dataset_fingerprint"]["num_items"] == 120
-    assert not torch.equal(averaged["model.model.layers.0.mlp.up_proj.weight"], live["model.model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        averaged["model.model.layers.0.mlp.up_proj.weight"], live["model.model.layers.0.mlp.up_proj.weight"]
+    )
     assert (root / "csv" / "version_0" / "test_metrics.json").is_file()
 
 
@@ -488,15 +608,38 @@ def test_lora_trains_only_adapters_and_code_rows(synthetic_dir, tiny_tokenizer, 
     tokenizer.save_pretrained(tmp_path / "base")
     index = write_index(tmp_path / "index.json", synthetic_codes())
     root, export = tmp_path / "run", tmp_path / "llm"
-    main(["fit", *llm_run_args(synthetic_dir, root, tiny_tokenizer, "--config", str(_callbacks(tmp_path, export)),
-                                "--data.init_args.index", str(index), "--data.init_args.eval_max_users=4",
-                                "--model.init_args.model_path", str(tmp_path / "base"), "--model.init_args.llama_config=null",
-                                "--model.init_args.tokenizer_path=null", "--model.init_args.lora=true", "--model.init_args.full_finetune=false",
-                                "--model.init_args.lr=0.05", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3")])
-    checkpoint = torch.load(next((root / "csv" / "version_0" / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
+    main(
+        [
+            "fit",
+            *llm_run_args(
+                synthetic_dir,
+                root,
+                tiny_tokenizer,
+                "--config",
+                str(_callbacks(tmp_path, export)),
+                "--data.init_args.index",
+                str(index),
+                "--data.init_args.eval_max_users=4",
+                "--model.init_args.model_path",
+                str(tmp_path / "base"),
+                "--model.init_args.llama_config=null",
+                "--model.init_args.tokenizer_path=null",
+                "--model.init_args.lora=true",
+                "--model.init_args.full_finetune=false",
+                "--model.init_args.lr=0.05",
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=3",
+            ),
+        ]
+    )
+    checkpoint = torch.load(
+        next((root / "csv" / "version_0" / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False
+    )
     keys = checkpoint["state_dict"].keys()
     assert any("lora_A" in key for key in keys) and any("trainable_tokens_delta" in key for key in keys)
-    assert not any(key.endswith("base_layer.weight") or key.endswith("embed_tokens.weight") for key in keys)  # frozen: from model_path
+    assert not any(
+        key.endswith("base_layer.weight") or key.endswith("embed_tokens.weight") for key in keys
+    )  # frozen: from model_path
     assert all(group["fused"] for group in checkpoint["optimizer_states"][0]["param_groups"])  # one-kernel AdamW on CPU
     assert (root / "csv" / "version_0" / "test_metrics.json").is_file()  # the stripped checkpoint was tested
     model, tokenizer, manifest = load_exported_llm(export)
@@ -512,7 +655,9 @@ def test_lora_trains_only_adapters_and_code_rows(synthetic_dir, tiny_tokenizer, 
 def test_negative_ratio_sweep_parses():
     sweep = yaml.safe_load((CONFIGS / "sweeps" / "negative_ratio.yaml").read_text())
     assert sweep["parameters"]["data.init_args.negative_ratio"]["values"] == [0, 1, 2, 3, 4, 5]
-    configs = [arg for previous, arg in zip(sweep["command"], sweep["command"][1:]) if previous == "--config"]
+    configs = [
+        arg for previous, arg in zip(sweep["command"], sweep["command"][1:], strict=False) if previous == "--config"
+    ]
     args = [arg for config in configs for arg in ("--config", str(REPO / config))]
     cli = build_cli([*args, "--data.init_args.negative_ratio=0"], run=False)
     assert cli.datamodule.negative_ratio == 0 and isinstance(cli.model, GenerativeRecommender)
@@ -533,12 +678,26 @@ def test_a_dataloader_worker_yields_the_in_process_batches_every_epoch(synthetic
     index = write_index(tmp_path / "index.json", synthetic_codes())
     runs = {}
     for workers in (0, 1):
-        cli = build_cli([*llm_run_args(synthetic_dir, tmp_path / f"w{workers}", tiny_tokenizer,
-                                       "--data.init_args.index", str(index),
-                                        f"--data.init_args.num_workers={workers}",
-                                        "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
-                                        "--trainer.callbacks=[]", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-                                        "--test_after_fit=false")], run=False)
+        cli = build_cli(
+            [
+                *llm_run_args(
+                    synthetic_dir,
+                    tmp_path / f"w{workers}",
+                    tiny_tokenizer,
+                    "--data.init_args.index",
+                    str(index),
+                    f"--data.init_args.num_workers={workers}",
+                    "--trainer.max_epochs=3",
+                    "--trainer.limit_train_batches=3",
+                    "--trainer.limit_val_batches=0",
+                    "--trainer.callbacks=[]",
+                    "--trainer.logger=false",
+                    "--trainer.enable_checkpointing=false",
+                    "--test_after_fit=false",
+                )
+            ],
+            run=False,
+        )
         recorder = Recorder()
         cli.trainer.callbacks.append(recorder)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -20,10 +20,17 @@ def test_real_data_smoke_run(config, tmp_path, monkeypatch):
     """One short fit+test on the real Industrial data through the shipped config (protocol, loaders, export)."""
     data_dir = shared_dataset("Industrial_and_Scientific")
     monkeypatch.chdir(tmp_path)  # the config's relative runs/ and artifacts/ paths land in tmp_path
-    main([
-        "fit", "--config", str(CONFIGS / config), "--data.init_args.data_dir", str(data_dir),
-        "--trainer.max_epochs=1", "--trainer.limit_train_batches=10",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            "--data.init_args.data_dir",
+            str(data_dir),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=10",
+        ]
+    )
     metrics = _test_metrics(tmp_path / "runs" / config.removesuffix(".yaml"))
     assert set(metrics) == {"hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10"}
     assert 0.0 < metrics["hr@10"] <= 1.0
@@ -45,9 +52,16 @@ def test_real_data_smoke_run(config, tmp_path, monkeypatch):
 def test_games_reproduces_paper_rows(config, hr10, ndcg10, tmp_path):
     data_dir = shared_dataset("Games")
     root = tmp_path / "run"
-    main([
-        "fit", "--config", str(CONFIGS / config), "--data.init_args.data_dir", str(data_dir),
-        "--trainer.default_root_dir", str(root),
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            "--data.init_args.data_dir",
+            str(data_dir),
+            "--trainer.default_root_dir",
+            str(root),
+        ]
+    )
     metrics = _test_metrics(root)
     assert metrics["hr@10"] >= hr10 and metrics["ndcg@10"] >= ndcg10, metrics

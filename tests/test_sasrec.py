@@ -52,13 +52,16 @@ def test_window_and_prefix_layouts_give_the_same_pairs(synthetic_dir):
 
     def pairs_from_prefix():
         batch = prefix.datasets["train"].__getitems__(list(range(len(prefix.datasets["train"]))))
-        return sorted((tuple(h[h != pad].tolist()), int(t)) for h, t in zip(batch["history"].numpy(), batch["target"].numpy()))
+        return sorted(
+            (tuple(h[h != pad].tolist()), int(t))
+            for h, t in zip(batch["history"].numpy(), batch["target"].numpy(), strict=False)
+        )
 
     def pairs_from_windows():
         dataset = windows.datasets["train"]
         batch = dataset.__getitems__(list(range(len(dataset))))
         result = []
-        for history, targets in zip(batch["history"].numpy(), batch["target"].numpy()):
+        for history, targets in zip(batch["history"].numpy(), batch["target"].numpy(), strict=False):
             for position in np.flatnonzero(targets != -100):
                 prefix_items = history[: position + 1]
                 result.append((tuple(prefix_items[prefix_items != pad][-20:].tolist()), int(targets[position])))
@@ -76,8 +79,13 @@ def test_item_embeddings_shape():
 def test_config_errors_raise_config_error_naming_the_field():
     from datamodules.errors import ConfigError
 
-    for kwargs, field in [({"hidden_size": 0}, "hidden_size"), ({"num_heads": 3}, "hidden_size"), ({"lr": 0.0}, "lr"),
-                          ({"label_smoothing": -0.1}, "label_smoothing"), ({"top_k": 0}, "top_k")]:
+    for kwargs, field in [
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"num_heads": 3}, "hidden_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"top_k": 0}, "top_k"),
+    ]:
         with pytest.raises(ConfigError, match=f"model.init_args.{field} must be"):
             SASRec(**kwargs)
     with pytest.raises(ConfigError, match="data.init_args.eval_batch_size must be >= 1, got -4"):

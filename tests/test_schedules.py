@@ -34,7 +34,9 @@ def test_step_schedule_without_time_limit():
     assert [factor(step) for step in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.5) and factor(110) == pytest.approx(0.0)
     assert factor(500) == pytest.approx(0.0)  # never negative past the end
-    assert warmup_cosine(_trainer(total=5), warmup_steps=10)(12) == pytest.approx(1.0)  # no decay when warm-up fills the run
+    assert warmup_cosine(_trainer(total=5), warmup_steps=10)(12) == pytest.approx(
+        1.0
+    )  # no decay when warm-up fills the run
 
 
 def test_time_limit_takes_over_when_it_binds(monkeypatch):
@@ -58,4 +60,6 @@ def test_steps_lead_on_a_fast_machine_and_ranks_ignore_the_clock(monkeypatch):
     clock.now += 10  # 10% of the time, 50% of the steps: exactly the step schedule
     assert warmup_cosine(_trainer(total=210, timer=timer), warmup_steps=10)(110) == pytest.approx(_cosine(0.5))
     clock.now += 80  # several ranks would each read their own clock: they keep the step schedule
-    assert warmup_cosine(_trainer(total=1010, timer=timer, world_size=2), warmup_steps=10)(110) == pytest.approx(_cosine(0.1))
+    assert warmup_cosine(_trainer(total=1010, timer=timer, world_size=2), warmup_steps=10)(110) == pytest.approx(
+        _cosine(0.1)
+    )

@@ -35,10 +35,17 @@ NODES, GPUS = 2, 4
 def slurm_env(proc_id: int, nodes: int = NODES, gpus: int = GPUS) -> dict[str, str]:
     """What SLURM sets for task ``proc_id`` of a ``nodes`` x ``gpus`` job (one task per GPU, block distribution)."""
     return {
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "semconv-stage3", "SLURM_NNODES": str(nodes),
-        "SLURM_JOB_NODELIST": f"gpu[003-{3 + nodes - 1:03d}]", "SLURM_NODELIST": f"gpu[003-{3 + nodes - 1:03d}]",
-        "SLURM_NTASKS": str(nodes * gpus), "SLURM_NTASKS_PER_NODE": str(gpus), "SLURM_GPUS_ON_NODE": str(gpus),
-        "SLURM_PROCID": str(proc_id), "SLURM_LOCALID": str(proc_id % gpus), "SLURM_NODEID": str(proc_id // gpus),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "semconv-stage3",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NODELIST": f"gpu[003-{3 + nodes - 1:03d}]",
+        "SLURM_NODELIST": f"gpu[003-{3 + nodes - 1:03d}]",
+        "SLURM_NTASKS": str(nodes * gpus),
+        "SLURM_NTASKS_PER_NODE": str(gpus),
+        "SLURM_GPUS_ON_NODE": str(gpus),
+        "SLURM_PROCID": str(proc_id),
+        "SLURM_LOCALID": str(proc_id % gpus),
+        "SLURM_NODEID": str(proc_id // gpus),
     }
 
 
@@ -62,9 +69,21 @@ def run_job(template: Path, tmp_path: Path, env: dict[str, str], **values: str) 
     script = tmp_path / "job.sbatch"
     script.write_text(render(template.read_text(), values))
     path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
-    done = subprocess.run(["bash", str(script)], check=False, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **env, "PATH": path, "SRUN_ARGV": str(tmp_path / "argv"),
-                               "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        ["bash", str(script)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            **env,
+            "PATH": path,
+            "SRUN_ARGV": str(tmp_path / "argv"),
+            "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+            "PYTHONPATH": str(REPO),
+        },
+    )
     (tmp_path / "job.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return (tmp_path / "argv").read_text().split("\0")[:-1]
@@ -105,10 +124,14 @@ def test_render_fills_values_and_names_bad_ones() -> None:
 
 
 # ------------------------------------------------------------------------------- the launched command
-@pytest.mark.parametrize(("template", "nodes", "stage", "offload"), [(MULTI, NODES, 3, True), (ONE, 1, 2, False)],
-                         ids=["multi_node", "one_node"])
-def test_job_launches_lightning_fit_that_the_cli_parses(template: Path, nodes: int, stage: int, offload: bool,
-                                                        tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("template", "nodes", "stage", "offload"),
+    [(MULTI, NODES, 3, True), (ONE, 1, 2, False)],
+    ids=["multi_node", "one_node"],
+)
+def test_job_launches_lightning_fit_that_the_cli_parses(
+    template: Path, nodes: int, stage: int, offload: bool, tmp_path: Path, capsys
+) -> None:
     root = tmp_path / "run"
     argv = run_job(template, tmp_path, slurm_env(0, nodes), ROOT=str(root), EXTRA_ARGS="--trainer.max_epochs 2")
     assert argv[:2] == ["--kill-on-bad-exit=1", "lightning"]
@@ -129,8 +152,9 @@ def test_job_launches_lightning_fit_that_the_cli_parses(template: Path, nodes: i
 
 
 @pytest.mark.parametrize(("proc_id", "node_rank", "local_rank"), [(0, 0, 0), (3, 0, 3), (4, 1, 0), (7, 1, 3)])
-def test_lightning_derives_ranks_from_slurm(proc_id: int, node_rank: int, local_rank: int, tmp_path: Path,
-                                            monkeypatch) -> None:
+def test_lightning_derives_ranks_from_slurm(
+    proc_id: int, node_rank: int, local_rank: int, tmp_path: Path, monkeypatch
+) -> None:
     env = slurm_env(proc_id)
     args = fit_args(run_job(MULTI, tmp_path, env, ROOT=str(tmp_path / "run")))
     for name, value in env.items():
@@ -209,13 +233,20 @@ def test_signal_saves_requeues_and_the_rerun_resumes(synthetic_dir: Path, tmp_pa
     saved hpc_ckpt_1.ckpt and asked scontrol to requeue; the rerun of the same script resumes from step 3."""
     root = tmp_path / "run"
     env = {**slurm_env(0, nodes=1, gpus=1), "SRUN_EXEC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
-    extra = ("--trainer.accelerator cpu --trainer.precision 32 --trainer.max_steps 6 --trainer.val_check_interval 3 "
-             "--test_after_fit false "
-             f"--data.init_args.data_dir {synthetic_dir} --data.init_args.source lcrec "
-             "--data.init_args.dataset Synthetic --data.init_args.batch_size 16")
+    extra = (
+        "--trainer.accelerator cpu --trainer.precision 32 --trainer.max_steps 6 --trainer.val_check_interval 3 "
+        "--test_after_fit false "
+        f"--data.init_args.data_dir {synthetic_dir} --data.init_args.source lcrec "
+        "--data.init_args.dataset Synthetic --data.init_args.batch_size 16"
+    )
     values = {"ROOT": str(root), "CONFIG": "configs/synthetic/sasrec.yaml", "STRATEGY": "ddp", "GPUS_PER_NODE": "1"}
-    run_job(ONE, tmp_path, env, **values,
-            EXTRA_ARGS=f"{extra} --trainer.callbacks+=tests.test_slurm.RequeueAtStep --trainer.callbacks.step 3")
+    run_job(
+        ONE,
+        tmp_path,
+        env,
+        **values,
+        EXTRA_ARGS=f"{extra} --trainer.callbacks+=tests.test_slurm.RequeueAtStep --trainer.callbacks.step 3",
+    )
     hpc = root / "hpc_ckpt_1.ckpt"
     assert hpc.is_file() and (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     assert torch.load(hpc, map_location="cpu", weights_only=False)["global_step"] == 3

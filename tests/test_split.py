@@ -20,7 +20,10 @@ def _rows(split, stage):
     index = split.samples(stage)
     histories = split.histories(index)
     targets = split.catalogue.items[index.target_pos]
-    return [(int(u), [int(i) for i in h if i != PAD], int(t)) for u, h, t in zip(index.user, histories, targets)]
+    return [
+        (int(u), [int(i) for i in h if i != PAD], int(t))
+        for u, h, t in zip(index.user, histories, targets, strict=False)
+    ]
 
 
 def test_exact_samples_of_a_short_user(tmp_path):
@@ -60,7 +63,7 @@ def test_seen_items_are_full_uncapped_history(tmp_path):
 def test_train_interactions_exclude_valid_and_test(tmp_path):
     split = _split(tmp_path, {0: [1, 2, 3, 4, 5], 1: [6, 7, 8]})
     users, items = split.train_interactions()
-    assert list(zip(users.tolist(), items.tolist())) == [(0, 1), (0, 2), (0, 3), (1, 6)]
+    assert list(zip(users.tolist(), items.tolist(), strict=False)) == [(0, 1), (0, 2), (0, 3), (1, 6)]
 
 
 def test_no_heldout_target_in_training_on_games():

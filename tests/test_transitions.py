@@ -29,12 +29,27 @@ def toy(tmp_path):
 
 def _test_metrics(toy, *args: str) -> dict[str, float]:
     root = toy / "run"
-    main([
-        "test", "--model", "lightning_modules.TransitionCounts", "--model.init_args.mask_history", "false", *args,
-        "--data", "datamodules.SequenceDataModule", "--data.init_args.data_dir", str(toy / "data"),
-        "--trainer.default_root_dir", str(root), "--trainer.callbacks+=callbacks.MetricsWriter",
-        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-    ])
+    main(
+        [
+            "test",
+            "--model",
+            "lightning_modules.TransitionCounts",
+            "--model.init_args.mask_history",
+            "false",
+            *args,
+            "--data",
+            "datamodules.SequenceDataModule",
+            "--data.init_args.data_dir",
+            str(toy / "data"),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.callbacks+=callbacks.MetricsWriter",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     return json.loads((root / "test_metrics.json").read_text())["metrics"]
 
 
@@ -59,7 +74,13 @@ def _module(toy, **kwargs) -> tuple[TransitionCounts, SequenceDataModule]:
 
 def _brute_force(datamodule, histories, last_items: int, group: dict[int, int], coded: bool) -> torch.Tensor:
     users, items = datamodule.split.train_interactions()
-    counts = Counter((group[int(a)], group[int(b)]) for (ua, a), (ub, b) in zip(zip(users, items), zip(users[1:], items[1:])) if ua == ub)
+    counts = Counter(
+        (group[int(a)], group[int(b)])
+        for (ua, a), (ub, b) in zip(
+            zip(users, items, strict=False), zip(users[1:], items[1:], strict=False), strict=False
+        )
+        if ua == ub
+    )
     popularity = Counter(int(item) for item in items)
     group_popularity = Counter()
     for item, count in popularity.items():
