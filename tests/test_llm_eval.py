@@ -119,8 +119,9 @@ def test_test_and_predict_from_a_checkpoint_reproduce_the_final_evaluation(synth
     )
     served = lines(tmp_path / "predict" / "csv" / "version_0" / "top_k.rank0.jsonl")
     assert len(final) == 6 and [line["items"] for line in again] == [line["items"] for line in final]
-    assert [line["items"] for line in served] == [line["items"] for line in final]
-    assert [line["scores"] for line in served] == [line["scores"] for line in final] and len(final[0]["items"]) == 20
+    # predict serves every user from the WHOLE history (the test target included), so its lists are not the
+    # test's; tests/test_live_serving.py checks them against the live path from the same history
+    assert len(served) == 300 and all(len(set(line["items"])) == 20 for line in served) and len(final[0]["items"]) == 20
     tested = json.loads((tmp_path / "test" / "csv" / "version_0" / "test_metrics.json").read_text())["metrics"]
     assert tested == json.loads((fitted / "test_metrics.json").read_text())["metrics"]
 
