@@ -54,17 +54,18 @@ def trained(synthetic_dir, tmp_path_factory):
             "data": synthetic_dir}
 
 
-def build_cache(trained, store: str, index: Path, name: str, users: list[str] | None = None) -> None:
-    """``lightning predict --config llm.yaml --config serving/cache.yaml --ckpt_path <ckpt>`` into ``store``."""
-    selection = []
+def build_cache(trained, store: str, index: Path, name: str, users: list[str] | None = None, export: bool = True) -> None:
+    """``lightning predict --config llm.yaml --config serving/cache.yaml --ckpt_path <ckpt>`` into ``store`` (recording
+    the export's hash unless ``export`` is false: then the checkpoint's)."""
+    selection = ["--trainer.callbacks.init_args.model_dir", str(trained["export"])] if export else []
     if users is not None:
         (trained["tmp"] / f"{name}.users").write_text("\n".join(users))
-        selection = ["--data.init_args.predict_users", str(trained["tmp"] / f"{name}.users")]
-    main(["predict", *tiny_run_args("synthetic/llm.yaml", trained["data"], trained["tmp"] / name, *selection,
+        selection += ["--data.init_args.predict_users", str(trained["tmp"] / f"{name}.users")]
+    # after the cache piece: `--trainer.callbacks.init_args.*` sets the last callback listed so far
+    main(["predict", *tiny_run_args("synthetic/llm.yaml", trained["data"], trained["tmp"] / name,
                                     "--config", str(CONFIGS / "serving/cache.yaml"),
                                     "--data.init_args.index", str(index),
-                                    "--trainer.callbacks.init_args.store", store,
-                                    "--trainer.callbacks.init_args.model_dir", str(trained["export"])),
+                                    "--trainer.callbacks.init_args.store", store, *selection),
           "--ckpt_path", str(trained["ckpt"])])
 
 
@@ -152,3 +153,20 @@ def test_an_index_that_changes_trained_codes_is_refused(trained, capsys):
         load_live_recommender(trained["export"], index_dir=changed)
     manifest = json.loads((trained["export"] / "manifest.json").read_text())
     assert manifest["decoding"] == {"num_beams": 20, "top_k": K, "renormalize": False}
+
+
+def test_semconv_serve_with_model_checks_the_store_and_wires_the_live_path(trained, cached, monkeypatch, capsys):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app))
+    main(["serve", "--store", cached, "--model", str(trained["export"])])
+    catalogue = trained["catalogue"]
+    users, items = original_ids(catalogue)
+    posted = TestClient(served["app"]).post("/v1/recommendations", json={"history": items[catalogue.sequence(3)].tolist()})
+    assert [entry["item"] for entry in posted.json()["items"]] == open_store(cached).lookup(users[3], 10).items
+    other = f"sqlite:///{trained['tmp'] / 'other.sqlite'}"  # a cache built from the checkpoint, not the export
+    build_cache(trained, other, trained["index"], "other", users[:2].tolist(), export=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--store", other, "--model", str(trained["export"])])
+    assert exit_info.value.code == 2 and "built for model hash" in capsys.readouterr().err
