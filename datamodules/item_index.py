@@ -211,7 +211,8 @@ def load_item_index(
     items, codes = items.numpy(), codes_t.numpy()
     num_items = catalogue.num_items
     extended = bool(new_items and manifest is not None and manifest.get("cold_start") and len(items) > num_items)
-    if not np.array_equal(items, np.arange(len(items))) or len(items) < num_items or (len(items) > num_items and not extended):
+    extra_refused = len(items) > num_items and not extended
+    if not np.array_equal(items, np.arange(len(items))) or len(items) < num_items or extra_refused:
         missing = np.setdiff1d(np.arange(num_items), items)[:5].tolist()
         raise DataFormatError(
             f"{index_file}: codes for {len(items)} items, the catalogue has {num_items} (ids 0..{num_items - 1}; "
@@ -253,7 +254,8 @@ def load_item_index(
     for level in range(num_levels, codes.shape[1] if extended else num_levels):  # an extra level's size can grow
         if codes[num_items:, level].max() > codes[:num_items, level].max():
             raise DataFormatError(
-                f"{index_file}: cold-start items use code <{level_letter(level)}_{int(codes[num_items:, level].max())}>, "
+                f"{index_file}: cold-start items use code "
+                f"<{level_letter(level)}_{int(codes[num_items:, level].max())}>, "
                 "which the catalogue's items do not, so a model trained on them has no such token; code the new "
                 "items against this index again or retrain stage 3 on an index that has it."
             )

@@ -140,7 +140,7 @@ def serve(url: str, port: int, workers: int, http: str, live: list[str]) -> subp
 
 
 def time_live_path(base: str, history: list[str], requests: int) -> None:
-    """p50 of ``requests`` sequential live POSTs for ``history`` and of as many cached GETs, one client, and the ratio."""
+    """p50 of ``requests`` sequential live POSTs for ``history``, of as many cached GETs (one client); the ratio."""
     import httpx
 
     def p50(call) -> float:

@@ -5,7 +5,8 @@
 # (Lightning's SimpleProfiler: prompt building = the predict loop's batch fetch, generate = predict_step, store
 # writes = the writer's batch hook).
 #   ART   stage outputs (tiny_llama, codebook, llm export)   default artifacts/industrial
-#   CKPT  the stage-3 checkpoint the export was written from  default runs/industrial/llm/csv/version_0/checkpoints/last.ckpt
+#   CKPT  the stage-3 checkpoint the export was written from
+#         default runs/industrial/llm/csv/version_0/checkpoints/last.ckpt
 #   OUT   where the SQLite store, logs and profiles go         default runs/industrial/serving
 #   STORES  sqlite,redis (default) or one of them
 set -euo pipefail
@@ -14,6 +15,7 @@ ART=${ART:-artifacts/industrial}
 CKPT=${CKPT:-runs/industrial/llm/csv/version_0/checkpoints/last.ckpt}
 OUT=${OUT:-runs/industrial/serving}
 STORES=${STORES:-sqlite,redis}
+INTER=../shared/data/Industrial_and_Scientific/Industrial_and_Scientific.inter.json
 mkdir -p "$OUT"
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
@@ -27,9 +29,11 @@ build() {  # build <store url> <name>: lightning predict with the cache piece, t
     --data.init_args.num_workers 0 --trainer.default_root_dir "$OUT/$2" --trainer.profiler simple \
     --trainer.callbacks.init_args.store "$1" --trainer.callbacks.init_args.model_dir "$ART/llm" \
     --ckpt_path "$CKPT" > "$OUT/$2.log" 2>&1
-  local users
-  users=$(python -c "from datamodules.recommendation_store import open_store; print(open_store('$1').current_version().num_users)")
-  echo "[$2] cache build: $users users in $((SECONDS - begin)) s ($(python -c "print(f'{$users / max($SECONDS - $begin, 1):.1f}')") users/s, model loading included)"
+  local users seconds=$((SECONDS - begin))
+  users=$(python -c "from datamodules.recommendation_store import open_store as o
+print(o('$1').current_version().num_users)")
+  echo "[$2] cache build: $users users in $seconds s" \
+       "($((users / (seconds > 0 ? seconds : 1))) users/s, model load included)"
   grep -E "predict_next|predict_step|on_predict_batch_end|write_on_batch_end|Total" "$OUT/$2.log" | head -8 || true
 }
 
@@ -39,8 +43,10 @@ query() {  # query <store url> <name>: serve it (with the live path) and ask for
   semconv serve --store "$1" --port "$port" --model "$ART/llm" 2>> "$OUT/$2.serve.log" &
   pids+=($!)
   for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/healthz" > /dev/null && break; sleep 0.2; done
-  user=$(python -c "import json; print(next(iter(json.load(open('../shared/data/Industrial_and_Scientific/Industrial_and_Scientific.inter.json')))))")
-  history=$(python -c "import json; print(json.dumps({'history': [str(i) for i in json.load(open('../shared/data/Industrial_and_Scientific/Industrial_and_Scientific.inter.json'))['$user']], 'k': 5}))")
+  # the first user of the dataset and their whole history (item ids are the LC-Rec item indices here)
+  user=$(python -c "import json; print(next(iter(json.load(open('$INTER')))))")
+  history=$(python -c "import json
+print(json.dumps({'history': list(map(str, json.load(open('$INTER'))['$user'])), 'k': 5}))")
   echo "[$2] GET known user $user:";   curl -s "http://127.0.0.1:$port/v1/users/$user/recommendations?k=5"; echo
   echo "[$2] GET unknown user:";       curl -s "http://127.0.0.1:$port/v1/users/no-such-user/recommendations?k=5"; echo
   echo "[$2] POST the known user's history (live):"

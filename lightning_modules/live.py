@@ -60,7 +60,8 @@ class LiveRecommender:
             raise SemConvError(f"item_names has {len(self.names)} ids, the index {num_items} items; one per item row")
         self.model, self.tokenizer, self.decoding, self.max_history = model, tokenizer, decoding, max_history
         self.code_text = ["".join(tokens) for tokens in index.tokens()]
-        self.trie = CodeTrie(torch.from_numpy(index.token_ids(tokenizer.get_vocab())), eos_token_id=tokenizer.eos_token_id)
+        token_ids = torch.from_numpy(index.token_ids(tokenizer.get_vocab()))
+        self.trie = CodeTrie(token_ids, eos_token_id=tokenizer.eos_token_id)
         self.row_of = {name: row for row, name in enumerate(self.names.tolist())}
         self._lock = threading.Lock()
 

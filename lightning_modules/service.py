@@ -159,8 +159,12 @@ def create_app(
 
 
 def load_live_recommender(model_dir: str, **options) -> LiveRecommender:
-    """The live path over the exported stage-3 model in ``model_dir`` (:func:`lightning_modules.live.load_live_recommender`,
-    whose keyword arguments ``options`` are)."""
+    """The live path over the exported stage-3 model in ``model_dir``.
+
+    Args:
+        model_dir: the ``callbacks.LLMExporter`` directory.
+        options: keyword arguments of :func:`lightning_modules.live.load_live_recommender` (index, decoding).
+    """
     from lightning_modules.live import load_live_recommender as load
 
     return load(model_dir, **options)

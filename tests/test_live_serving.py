@@ -54,7 +54,9 @@ def trained(synthetic_dir, tmp_path_factory):
             "data": synthetic_dir}
 
 
-def build_cache(trained, store: str, index: Path, name: str, users: list[str] | None = None, export: bool = True) -> None:
+def build_cache(
+    trained, store: str, index: Path, name: str, users: list[str] | None = None, export: bool = True
+) -> None:
     """``lightning predict --config llm.yaml --config serving/cache.yaml --ckpt_path <ckpt>`` into ``store`` (recording
     the export's hash unless ``export`` is false: then the checkpoint's)."""
     selection = ["--trainer.callbacks.init_args.model_dir", str(trained["export"])] if export else []
@@ -163,7 +165,8 @@ def test_semconv_serve_with_model_checks_the_store_and_wires_the_live_path(train
     main(["serve", "--store", cached, "--model", str(trained["export"])])
     catalogue = trained["catalogue"]
     users, items = original_ids(catalogue)
-    posted = TestClient(served["app"]).post("/v1/recommendations", json={"history": items[catalogue.sequence(3)].tolist()})
+    history = items[catalogue.sequence(3)].tolist()
+    posted = TestClient(served["app"]).post("/v1/recommendations", json={"history": history})
     assert [entry["item"] for entry in posted.json()["items"]] == open_store(cached).lookup(users[3], 10).items
     other = f"sqlite:///{trained['tmp'] / 'other.sqlite'}"  # a cache built from the checkpoint, not the export
     build_cache(trained, other, trained["index"], "other", users[:2].tolist(), export=False)
