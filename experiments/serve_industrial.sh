@@ -34,7 +34,7 @@ build() {  # build <store url> <name>: lightning predict with the cache piece, t
 print(o('$1').current_version().num_users)")
   echo "[$2] cache build: $users users in $seconds s" \
        "($((users / (seconds > 0 ? seconds : 1))) users/s, model load included)"
-  grep -E "predict_next|predict_step|on_predict_batch_end|write_on_batch_end|Total" "$OUT/$2.log" | head -8 || true
+  grep -E "dataloader_next|predict_step|RecommendationCacheWriter|Total" "$OUT/$2.log" | head -8 || true
 }
 
 query() {  # query <store url> <name>: serve it (with the live path) and ask for a known and an unknown user
