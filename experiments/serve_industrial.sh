@@ -9,6 +9,9 @@
 #         default runs/industrial/llm/csv/version_0/checkpoints/last.ckpt
 #   OUT   where the SQLite store, logs and profiles go         default runs/industrial/serving
 #   STORES  sqlite,redis (default) or one of them
+#   LIMIT   cache only the dataset's first LIMIT users (default: every user)
+#   LIVE_ARGS  extra `semconv serve` flags; an export without a decoding record needs
+#              LIVE_ARGS='--num-beams 20 --code-softmax trie' (configs/industrial/llm.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ART=${ART:-artifacts/industrial}
@@ -17,6 +20,11 @@ OUT=${OUT:-runs/industrial/serving}
 STORES=${STORES:-sqlite,redis}
 INTER=../shared/data/Industrial_and_Scientific/Industrial_and_Scientific.inter.json
 mkdir -p "$OUT"
+selection=()
+if [[ -n ${LIMIT:-} ]]; then
+  python -c "import json; print('\n'.join(list(json.load(open('$INTER')))[:$LIMIT]))" > "$OUT/users.txt"
+  selection=(--data.init_args.predict_users "$OUT/users.txt")
+fi
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
@@ -26,7 +34,7 @@ build() {  # build <store url> <name>: lightning predict with the cache piece, t
   local begin=$SECONDS
   lightning predict --config configs/industrial/llm.yaml --config configs/serving/cache.yaml \
     --model.init_args.model_path "$ART/tiny_llama" --data.init_args.index "$ART/codebook" \
-    --data.init_args.num_workers 0 --trainer.default_root_dir "$OUT/$2" --trainer.profiler simple \
+    --data.init_args.num_workers 0 --trainer.default_root_dir "$OUT/$2" --trainer.profiler simple "${selection[@]}" \
     --trainer.callbacks.init_args.store "$1" --trainer.callbacks.init_args.model_dir "$ART/llm" \
     --ckpt_path "$CKPT" > "$OUT/$2.log" 2>&1
   local users seconds=$((SECONDS - begin))
@@ -40,7 +48,8 @@ print(o('$1').current_version().num_users)")
 query() {  # query <store url> <name>: serve it (with the live path) and ask for a known and an unknown user
   local port user history
   port=$(free_port)
-  semconv serve --store "$1" --port "$port" --model "$ART/llm" 2>> "$OUT/$2.serve.log" &
+  # shellcheck disable=SC2086  # LIVE_ARGS is a list of flags
+  semconv serve --store "$1" --port "$port" --model "$ART/llm" ${LIVE_ARGS:-} 2>> "$OUT/$2.serve.log" &
   pids+=($!)
   for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/healthz" > /dev/null && break; sleep 0.2; done
   # the first user of the dataset and their whole history (item ids are the LC-Rec item indices here)
