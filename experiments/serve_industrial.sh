@@ -4,7 +4,8 @@
 # (cached), plus the known user's history on the live path. Prints the cache build's users/s and its profile
 # (Lightning's SimpleProfiler: prompt building = the predict loop's batch fetch, generate = predict_step, store
 # writes = the writer's batch hook).
-#   ART   stage outputs (tiny_llama, codebook, llm export)   default artifacts/industrial
+#   ART   stage outputs (tiny_llama, codebook)               default artifacts/industrial
+#   MODEL the stage-3 export (LLMExporter)                   default $ART/llm
 #   CKPT  the stage-3 checkpoint the export was written from
 #         default runs/industrial/llm/csv/version_0/checkpoints/last.ckpt
 #   OUT   where the SQLite store, logs and profiles go         default runs/industrial/serving
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 ART=${ART:-artifacts/industrial}
 CKPT=${CKPT:-runs/industrial/llm/csv/version_0/checkpoints/last.ckpt}
 OUT=${OUT:-runs/industrial/serving}
+MODEL=${MODEL:-$ART/llm}
 STORES=${STORES:-sqlite,redis}
 INTER=../shared/data/Industrial_and_Scientific/Industrial_and_Scientific.inter.json
 mkdir -p "$OUT"
@@ -35,7 +37,7 @@ build() {  # build <store url> <name>: lightning predict with the cache piece, t
   lightning predict --config configs/industrial/llm.yaml --config configs/serving/cache.yaml \
     --model.init_args.model_path "$ART/tiny_llama" --data.init_args.index "$ART/codebook" \
     --data.init_args.num_workers 0 --trainer.default_root_dir "$OUT/$2" --trainer.profiler simple "${selection[@]}" \
-    --trainer.callbacks.init_args.store "$1" --trainer.callbacks.init_args.model_dir "$ART/llm" \
+    --trainer.callbacks.init_args.store "$1" --trainer.callbacks.init_args.model_dir "$MODEL" \
     --ckpt_path "$CKPT" > "$OUT/$2.log" 2>&1
   local users seconds=$((SECONDS - begin))
   users=$(python -c "from datamodules.recommendation_store import open_store as o
@@ -49,7 +51,7 @@ query() {  # query <store url> <name>: serve it (with the live path) and ask for
   local port user history
   port=$(free_port)
   # shellcheck disable=SC2086  # LIVE_ARGS is a list of flags
-  semconv serve --store "$1" --port "$port" --model "$ART/llm" ${LIVE_ARGS:-} 2>> "$OUT/$2.serve.log" &
+  semconv serve --store "$1" --port "$port" --model "$MODEL" ${LIVE_ARGS:-} 2>> "$OUT/$2.serve.log" &
   pids+=($!)
   for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/healthz" > /dev/null && break; sleep 0.2; done
   # the first user of the dataset and their whole history (item ids are the LC-Rec item indices here)
