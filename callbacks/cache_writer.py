@@ -29,14 +29,20 @@ from datamodules.recommendation_store import StoreError, VersionMeta, VersionWri
 log = logging.getLogger(__name__)
 
 
-def original_ids(catalogue) -> tuple[np.ndarray, np.ndarray]:
+def original_ids(catalogue, num_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(user names [num_users], item names [num_items])`` as strings: the dataset's original ids.
 
     A converted raw Amazon dataset has ``<Name>.user2id``/``<Name>.item2id`` (``original_id<TAB>idx``) beside its
     LC-Rec files; without them the LC-Rec keys (users) and item indices are the ids.
+
+    Args:
+        catalogue: the dataset.
+        num_items: item rows to name (default: the catalogue's); cold-start rows beyond it are named by their
+            index id (the key ``assign_codes`` gave them).
     """
+    num_items = catalogue.num_items if num_items is None else num_items
     users = catalogue.user_ids.astype(str)
-    items = np.arange(catalogue.num_items).astype(str)
+    items = np.arange(num_items).astype(str)
     directory = Path(catalogue.source_dir or ".")
     for kind in ("user", "item"):
         path = directory / f"{catalogue.name}.{kind}2id"
@@ -48,7 +54,7 @@ def original_ids(catalogue) -> tuple[np.ndarray, np.ndarray]:
             if kind == "user":
                 users = np.asarray([names.get(int(user), str(user)) for user in catalogue.user_ids])
             else:
-                items = np.asarray([names.get(item, str(item)) for item in range(catalogue.num_items)])
+                items = np.asarray([names.get(item, str(item)) for item in range(num_items)])
     return users, items
 
 
@@ -94,6 +100,12 @@ class RecommendationCacheWriter(BasePredictionWriter):
         self.writer: VersionWriter | None = None
         self.written = 0
 
+    @staticmethod
+    def _num_items(trainer: L.Trainer) -> int:
+        """Items that can be recommended: the index's (cold-start items included), else the catalogue's."""
+        index = getattr(trainer.datamodule, "item_index", None)
+        return trainer.datamodule.catalogue.num_items if index is None else len(index.codes)
+
     def _meta(self, trainer: L.Trainer, pl_module: L.LightningModule) -> VersionMeta:
         catalogue = trainer.datamodule.catalogue
         k = self.k or getattr(pl_module, "eval_top_k", None) or pl_module.hparams.get("eval_top_k")
@@ -109,7 +121,7 @@ class RecommendationCacheWriter(BasePredictionWriter):
             model_hash=model_hash,
             dataset_hash=catalogue.content_hash,
             k=int(k),
-            num_items=catalogue.num_items,
+            num_items=self._num_items(trainer),
             dataset=catalogue.name,
         )
 
@@ -128,7 +140,7 @@ class RecommendationCacheWriter(BasePredictionWriter):
         if hasattr(pl_module, "mask_history"):
             pl_module.mask_history = self.exclude_seen
         datamodule = trainer.datamodule
-        self.user_names, self.item_names = original_ids(datamodule.catalogue)
+        self.user_names, self.item_names = original_ids(datamodule.catalogue, self._num_items(trainer))
         version, error = None, None
         if trainer.global_rank == 0:
             try:

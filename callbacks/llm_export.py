@@ -7,7 +7,8 @@ The artifact directory::
     tokenizer/           the tokenizer with the code tokens (and pad token) added
     index.json           the item -> code-token index the model was trained on (LC-Rec format)
     manifest.json        dataset name + hash, index source + hash, L, K, tokens per item, vocabulary size,
-                         base model path / Llama config, training mode, LoRA settings, step
+                         base model path / Llama config, training mode, LoRA settings, step, the decoding
+                         settings (beams, K, renormalisation) and the prompt's history length
 
 Written through :class:`datamodules.artifacts.ArtifactWriter` (staged beside ``output_dir``, renamed into place
 whole, every file's hash in the manifest) and read back through :func:`datamodules.artifacts.read_artifact`.
@@ -64,6 +65,10 @@ def export_llm(output_dir: str | Path, module: Any, datamodule: Any, global_step
             "lora": lora if hp.lora else None,
             "weights": weights,
             "global_step": int(global_step),
+            # what the live path needs to rank exactly as the cache build does (lightning_modules.live)
+            "decoding": {"num_beams": module.decoding.num_beams, "top_k": module.decoding.top_k,
+                         "renormalize": module.decoding.renormalize},
+            "max_history": int(getattr(datamodule, "max_history", 20)),
         })
     log.info("LLM recommender exported to %s (%s)", output_dir, weights)
     return manifest

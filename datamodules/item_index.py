@@ -17,6 +17,8 @@ length and the existing codes are untouched.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,10 @@ class ItemIndex:
         code_vectors_path: ``code_vectors.pt`` of a stage-2 artifact (see :meth:`code_vectors`), else None.
         manifest: the stage-2 manifest, else None.
         deduplicated: number of items that got a non-zero code on an appended disambiguation level.
+        catalogue_items: items ``0..catalogue_items-1`` are the catalogue's; rows beyond are cold-start items coded
+            after training (no interactions), accepted for ``lightning predict`` only.
+        base_index_hash: hash of the index of the catalogue's items alone, as the stage-2 exporter writes it: what
+            a model trained before the cold-start items were coded was fingerprinted with.
     """
 
     codes: np.ndarray
@@ -56,6 +62,18 @@ class ItemIndex:
     code_vectors_path: str | None = None
     manifest: dict[str, Any] | None = None
     deduplicated: int = 0
+    catalogue_items: int | None = None
+    base_index_hash: str | None = None
+
+    @property
+    def new_items(self) -> int:
+        """Cold-start items after the catalogue's (0 for an index of the catalogue alone)."""
+        return 0 if self.catalogue_items is None else len(self.codes) - self.catalogue_items
+
+    @property
+    def trained_index_hash(self) -> str:
+        """The hash a model trained on this index's catalogue items carries (``base_index_hash`` when extended)."""
+        return self.base_index_hash or self.index_hash
 
     def code_vectors(self) -> torch.Tensor:
         """``[L, K, dim]`` float32 stage-2 code vectors (code ``k`` of level ``l``), for code-row initialisation.
@@ -147,13 +165,29 @@ def _append_disambiguation_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
     return np.concatenate([codes, rank[:, None]], axis=1), int((rank > 0).sum())
 
 
-def load_item_index(path: str | Path | None, catalogue: Catalogue, dedupe_collisions: bool = False) -> ItemIndex:
+def _base_hash(raw: dict[str, list[str]], num_items: int) -> str:
+    """Hash of the first ``num_items`` entries of an extended index as the stage-2 exporter wrote them.
+
+    ``callbacks.index_export`` writes ``json.dumps(index, ensure_ascii=False)`` (items in order) and
+    ``assign_codes`` appends the new items to that object: re-serialising the first ``num_items`` entries gives
+    back the training index's bytes exactly when their codes are unchanged, so equal hashes prove it.
+    """
+    base = json.dumps({str(item): raw[str(item)] for item in range(num_items)}, ensure_ascii=False)
+    return hashlib.sha256(base.encode("utf-8")).hexdigest()
+
+
+def load_item_index(
+    path: str | Path | None, catalogue: Catalogue, dedupe_collisions: bool = False, new_items: bool = False
+) -> ItemIndex:
     """Read, validate and (optionally) deduplicate the item index for ``catalogue``.
 
     Args:
         path: a stage-2 export directory, an LC-Rec ``index.json``, or None for the dataset's own ``<Name>.index.json``.
         catalogue: the dataset; every item ``0..num_items-1`` must have a code tuple.
         dedupe_collisions: append a disambiguating level instead of failing on shared tuples (see module docstring).
+        new_items: accept a stage-2 export extended with cold-start items (``assign_codes``): items ``num_items..``
+            with codes but no interactions, for serving. Their codes must use the code tokens of the catalogue's
+            items (the trained model has no others).
 
     Raises:
         ArtifactError: a stage-2 artifact that is incomplete, edited, or written for other data or with collisions.
@@ -175,11 +209,16 @@ def load_item_index(path: str | Path | None, catalogue: Catalogue, dedupe_collis
     except ValueError as err:
         raise DataFormatError(f"{index_file}: {err}. Code tokens must be <a_N>, <b_N>, ... level by level.") from None
     items, codes = items.numpy(), codes_t.numpy()
-    if len(items) != catalogue.num_items or not np.array_equal(items, np.arange(catalogue.num_items)):
-        missing = np.setdiff1d(np.arange(catalogue.num_items), items)[:5].tolist()
+    num_items = catalogue.num_items
+    extended = bool(new_items and manifest is not None and manifest.get("cold_start") and len(items) > num_items)
+    extra_refused = len(items) > num_items and not extended
+    if not np.array_equal(items, np.arange(len(items))) or len(items) < num_items or extra_refused:
+        missing = np.setdiff1d(np.arange(num_items), items)[:5].tolist()
         raise DataFormatError(
-            f"{index_file}: codes for {len(items)} items, the catalogue has {catalogue.num_items} (ids 0..{catalogue.num_items - 1}; "
-            f"first missing: {missing}). Every item needs a code tuple: use the index built for this dataset."
+            f"{index_file}: codes for {len(items)} items, the catalogue has {num_items} (ids 0..{num_items - 1}; "
+            f"first missing: {missing}). Every item needs a code tuple: use the index built for this dataset"
+            + (" (an index extended with cold-start items by assign_codes serves `lightning predict` only)."
+               if len(items) > num_items else ".")
         )
     width = codes.shape[1]
     if manifest is None:
@@ -212,8 +251,17 @@ def load_item_index(path: str | Path | None, catalogue: Catalogue, dedupe_collis
             "%s: %d items shared a code tuple; appended level <%s_*> (%d items moved off code 0)",
             index_file, int(shared.sum()), level_letter(width), deduplicated,
         )
+    for level in range(num_levels, codes.shape[1] if extended else num_levels):  # an extra level's size can grow
+        if codes[num_items:, level].max() > codes[:num_items, level].max():
+            raise DataFormatError(
+                f"{index_file}: cold-start items use code "
+                f"<{level_letter(level)}_{int(codes[num_items:, level].max())}>, "
+                "which the catalogue's items do not, so a model trained on them has no such token; code the new "
+                "items against this index again or retrain stage 3 on an index that has it."
+            )
     return ItemIndex(
         codes=codes, num_levels=num_levels, codebook_size=codebook_size, source=str(path.resolve()),
         index_hash=sha256_file(index_file), code_vectors_path=vectors_path, manifest=manifest,
-        deduplicated=deduplicated,
+        deduplicated=deduplicated, catalogue_items=num_items if extended else None,
+        base_index_hash=_base_hash(raw, num_items) if extended else None,
     )

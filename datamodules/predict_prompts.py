@@ -6,14 +6,15 @@ test target included (evaluation holds the last items out; serving has nothing t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from datamodules.catalogue import DataFormatError
 from datamodules.prompt_tasks import PromptTasks
-from datamodules.prompt_templates import eval_prompt
-from datamodules.split import SampleIndex
+from datamodules.prompt_templates import HISTORY_SEPARATOR, eval_prompt
 
 
 class PredictPrompts(Dataset):
@@ -24,35 +25,49 @@ class PredictPrompts(Dataset):
     """
 
     def __init__(self, tasks: PromptTasks, rows: np.ndarray) -> None:
-        offsets = tasks.catalogue.offsets
         self.tasks, self.rows = tasks, rows
-        self.index = SampleIndex(np.arange(len(offsets) - 1), offsets[1:])  # "target" one past each sequence's end
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         rows = self.rows[np.asarray(rows, dtype=np.int64)]
-        tasks, tokenizer = self.tasks, self.tasks._tokenizer()
-        histories = tasks.split.histories(self.index, rows)
-        prompt_ids = tokenizer([eval_prompt(tasks.history_text(row)) for row in histories], add_special_tokens=True)[
-            "input_ids"
-        ]
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for out, ids in enumerate(prompt_ids):
-            input_ids[out, width - len(ids) :] = torch.tensor(ids)
-            attention[out, width - len(ids) :] = 1
-        seen_rows, seen_items = tasks.split.seen_items(self.index, rows)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "target_item": torch.full((len(rows),), -1),
-            "user": torch.from_numpy(rows),
-            "seen_rows": torch.from_numpy(seen_rows),
-            "seen_items": torch.from_numpy(seen_items),
-        }
+        offsets, items = self.tasks.catalogue.offsets, self.tasks.catalogue.items
+        sequences = [items[offsets[row] : offsets[row + 1]] for row in rows.tolist()]
+        batch = serving_batch(self.tasks._tokenizer(), self.tasks.code_text, sequences, self.tasks.split.max_history)
+        return {**batch, "target_item": torch.full((len(rows),), -1), "user": torch.from_numpy(rows)}
+
+
+def serving_batch(
+    tokenizer, code_text: Sequence[str], sequences: Sequence[np.ndarray], max_history: int
+) -> dict[str, torch.Tensor]:
+    """The evaluation-layout batch of whole item sequences: the cache build's and the live path's one prompt code.
+
+    Args:
+        tokenizer: the model's tokenizer (code tokens and a pad token added).
+        code_text: per item row, its codes as one string (``PromptTasks.code_text``).
+        sequences: per user, the item rows of the whole history, oldest first.
+        max_history: items of each sequence's end that go into the prompt (the rest is only masked).
+
+    Returns:
+        Left-padded ``input_ids``/``attention_mask`` of LC-Rec's evaluation prompt, and ``seen_rows``/``seen_items``:
+        every item of each sequence, for ``mask_history``.
+    """
+    texts = [eval_prompt(HISTORY_SEPARATOR.join(code_text[item] for item in seq[-max_history:])) for seq in sequences]
+    prompt_ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(texts), width), dtype=torch.long)
+    for out, ids in enumerate(prompt_ids):
+        input_ids[out, width - len(ids) :] = torch.tensor(ids)
+        attention[out, width - len(ids) :] = 1
+    lengths = [len(seq) for seq in sequences]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "seen_rows": torch.from_numpy(np.repeat(np.arange(len(sequences)), lengths)),
+        "seen_items": torch.from_numpy(np.concatenate([np.asarray(seq, dtype=np.int64) for seq in sequences])),
+    }
 
 
 def read_user_list(path: str, user_ids: np.ndarray) -> np.ndarray:

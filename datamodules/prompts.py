@@ -205,10 +205,13 @@ class PromptDataModule(RecDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if self.prompts is None:
-            self.item_index = load_item_index(self.index, self.catalogue, self.dedupe_collisions)
+            # cold-start items (an index extended after training) can be recommended, not trained or evaluated on
+            self.item_index = load_item_index(self.index, self.catalogue, self.dedupe_collisions,
+                                              new_items=stage == "predict")
             log.info(
-                "item index %s: %d items x %d codes (L=%d, K=%d)", self.item_index.source, self.catalogue.num_items,
-                self.item_index.tokens_per_item, self.item_index.num_levels, self.item_index.codebook_size,
+                "item index %s: %d items x %d codes (L=%d, K=%d; %d cold-start items)", self.item_index.source,
+                len(self.item_index.codes), self.item_index.tokens_per_item, self.item_index.num_levels,
+                self.item_index.codebook_size, self.item_index.new_items,
             )
             self.prompts = PromptTasks(self.catalogue, self.split, self.item_index, self.task_weights, self.negative_ratio, self.max_length,
                                        self.seed, pack=self.pack_prompts)

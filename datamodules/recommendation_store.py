@@ -286,4 +286,6 @@ def artifact_hashes(model_dir: str | Path) -> tuple[str, str]:
         raise StoreError(
             f"{manifest}: not found; --model must be an exported stage-3 directory (callbacks.LLMExporter)"
         )
-    return sha256_file(manifest), str(json.loads(manifest.read_text(encoding="utf-8")).get("content_hash", ""))
+    record = json.loads(manifest.read_text(encoding="utf-8"))
+    dataset = record.get("dataset") if isinstance(record.get("dataset"), dict) else record  # LLMExporter nests it
+    return sha256_file(manifest), str(dataset.get("content_hash", ""))

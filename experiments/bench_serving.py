@@ -8,14 +8,19 @@ whichever comes first. A share ``--unknown`` of the users is not cached (fallbac
 
     python experiments/bench_serving.py --stores sqlite,redis --concurrency 1,4,16 --duration 5 --requests 20000
 
-``--live-model DIR`` is reserved for the live path (POST /v1/recommendations with the same model); it is refused
-until the decoding code is wired into ``lightning_modules.service.load_live_recommender``.
+With ``--live-model DIR`` (an exported stage-3 model) the server also loads the live path (``semconv serve
+--model``; the generated store records that model's hashes so the compatibility check passes) and, after the load
+test, one client times ``--live-requests`` sequential ``POST /v1/recommendations`` for one history (``--live-history``,
+default ten seeded items of the model's index) and as many cached lookups, and prints both p50s and live / cached.
+
+    python experiments/bench_serving.py --stores sqlite --live-model artifacts/synthetic/llm
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -31,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from datamodules.recommendation_store import VersionMeta, open_store
+from datamodules.recommendation_store import VersionMeta, artifact_hashes, open_store
 
 
 def free_port() -> int:
@@ -53,11 +58,13 @@ def wait_until(check, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def fill_store(url: str, users: int, k: int, num_items: int, seed: int) -> float:
-    """Publish one version of ``users`` random top-``k`` lists; returns the users/s of the write."""
+def fill_store(url: str, users: int, k: int, num_items: int, seed: int, hashes: tuple[str, str] | None = None) -> float:
+    """Publish one version of ``users`` random top-``k`` lists (recording ``hashes`` = (model, dataset) if given);
+    returns the users/s of the write."""
     rng = np.random.default_rng(seed)
     store = open_store(url)
-    writer = store.begin_version(VersionMeta("bench-model", "bench-data", k, num_items, "bench"))
+    model_hash, dataset_hash = hashes or ("bench-model", "bench-data")
+    writer = store.begin_version(VersionMeta(model_hash, dataset_hash, k, num_items, "bench"))
     start = time.perf_counter()
     for first in range(0, users, 2000):
         rows = range(first, min(first + 2000, users))
@@ -112,7 +119,7 @@ async def load(port: int, paths: list[str], concurrency: int, duration_s: float,
     }
 
 
-def serve(url: str, port: int, workers: int, http: str) -> subprocess.Popen:
+def serve(url: str, port: int, workers: int, http: str, live: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [
         sys.executable,
@@ -127,8 +134,30 @@ def serve(url: str, port: int, workers: int, http: str) -> subprocess.Popen:
         str(workers),
         "--http",
         http,
+        *live,
     ]
     return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+
+
+def time_live_path(base: str, history: list[str], requests: int) -> None:
+    """p50 of ``requests`` sequential live POSTs for ``history``, of as many cached GETs (one client); the ratio."""
+    import httpx
+
+    def p50(call) -> float:
+        call()  # warm: first request pays one-off costs
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            response = call()
+            times.append(time.perf_counter() - start)
+            assert response.status_code == 200, response.text
+        return float(np.percentile(np.asarray(times) * 1000, 50))
+
+    with httpx.Client(base_url=base, timeout=600) as client:
+        live_ms = p50(lambda: client.post("/v1/recommendations", json={"history": history, "k": 10}))
+        cached_ms = p50(lambda: client.get("/v1/users/user1/recommendations?k=10"))
+    print(f"live path ({len(history)}-item history, {requests} sequential requests): p50 {live_ms:.1f} ms; "
+          f"cached p50 {cached_ms:.2f} ms; live / cached = {live_ms / cached_ms:,.0f}x")
 
 
 def main() -> None:
@@ -143,11 +172,20 @@ def main() -> None:
     parser.add_argument("--unknown", type=float, default=0.1, help="share of lookups for uncached users")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--http", default="auto", help="uvicorn HTTP implementation")
-    parser.add_argument("--live-model", default=None, help="exported stage-3 dir for the live path (not wired yet)")
+    parser.add_argument("--live-model", default=None, help="exported stage-3 dir: also time the live path")
+    parser.add_argument("--live-history", default=None, help="comma-separated item ids POSTed to the live path")
+    parser.add_argument("--live-requests", type=int, default=20, help="sequential live requests timed")
+    parser.add_argument("--live-args", default="", help="extra `semconv serve` flags, e.g. '--code-softmax trie'")
     args = parser.parse_args()
-    if args.live_model:
-        raise SystemExit("--live-model: the live path is not wired into the service yet (see load_live_recommender)")
     import httpx
+
+    live, hashes, history = [], None, []
+    if args.live_model:
+        live = ["--model", args.live_model, *args.live_args.split()]
+        hashes = artifact_hashes(args.live_model)
+        known = sorted(json.loads((Path(args.live_model) / "index.json").read_text()), key=int)
+        args.items = len(known)
+        history = args.live_history.split(",") if args.live_history else random.Random(1).sample(known, 10)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     processes: list[subprocess.Popen] = []
@@ -182,9 +220,9 @@ def main() -> None:
                 )
                 url = f"redis://127.0.0.1:{port}/0"
                 wait_until(lambda url=url: open_store(url) is not None, 10, "redis-server")
-            write_rate = fill_store(url, args.users, args.k, args.items, seed=0)
+            write_rate = fill_store(url, args.users, args.k, args.items, seed=0, hashes=hashes)
             port = free_port()
-            server = serve(url, port, args.workers, args.http)
+            server = serve(url, port, args.workers, args.http, live)
             processes.append(server)
             base = f"http://127.0.0.1:{port}"
             wait_until(lambda base=base: httpx.get(f"{base}/healthz").status_code == 200, 180, "semconv serve")
@@ -199,6 +237,8 @@ def main() -> None:
                     f"{level:>11} {result['requests']:>9} {result['errors']:>6} {result['rps']:>8.0f} "
                     f"{result['p50']:>7.2f} {result['p99']:>7.2f}"
                 )
+            if live:
+                time_live_path(base, history, args.live_requests)
             server.terminate()
             server.wait(timeout=30)
     finally:

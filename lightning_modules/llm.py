@@ -31,6 +31,7 @@ validation logs ``val/hr@10`` etc. from the module, the final test is run by :cl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any, Literal
 
@@ -158,7 +159,8 @@ class GenerativeRecommender(L.LightningModule):
         if getattr(datamodule, "item_index", None) is None or not hasattr(datamodule, "set_tokenizer"):
             raise RuntimeError(f"{type(self).__name__} needs a datamodule with an item index and set_tokenizer() (datamodules.PromptDataModule)")
         catalogue, index = datamodule.catalogue, datamodule.item_index
-        self.dataset_fingerprint = {**catalogue.fingerprint(), "index_hash": index.index_hash,
+        # an index extended with cold-start items carries the hash of its catalogue part: the one trained on
+        self.dataset_fingerprint = {**catalogue.fingerprint(), "index_hash": index.trained_index_hash,
                                     "tokens_per_item": index.tokens_per_item}
 
     def _load_tokenizer(self):
@@ -359,6 +361,15 @@ class GenerativeRecommender(L.LightningModule):
         return beam_eval_batch(self.model, self.tokenizer, self.code_trie, batch, self.decoding)
 
     @property
+    def mask_history(self) -> bool:
+        """Whether the beam search excludes the batch's seen items (the cache writer sets it from ``exclude_seen``)."""
+        return self.decoding.mask_history
+
+    @mask_history.setter
+    def mask_history(self, value: bool) -> None:
+        self.decoding = dataclasses.replace(self.decoding, mask_history=bool(value))
+
+    @property
     def renormalize_codes(self) -> bool:
         """Beam search renormalises over the allowed codes when training did (``code_softmax: trie``)."""
         return self.decoding.renormalize
@@ -396,6 +407,15 @@ class GenerativeRecommender(L.LightningModule):
             checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        index = self.trainer.datamodule.item_index if self._trainer is not None else None
+        saved = checkpoint.get("dataset_fingerprint") or {}
+        if index is not None and index.new_items and saved.get("index_hash") != index.trained_index_hash:
+            raise CheckpointMismatchError(
+                f"data.init_args.index {index.source} adds {index.new_items} cold-start items after the catalogue's "
+                f"{index.catalogue_items}, but those first {index.catalogue_items} items' codes are not the ones the "
+                "checkpoint was trained on: extend the training index itself (callbacks.index_export.assign_codes "
+                "never changes existing codes), or serve with the index the checkpoint was trained on."
+            )
         check_dataset_fingerprint(checkpoint.get("dataset_fingerprint"), self.dataset_fingerprint, "LLM checkpoint (data + item index)")
         if not self.strict_loading and self.model is not None:
             missing = [name for name, param in self.model.named_parameters() if param.requires_grad and f"model.{name}" not in checkpoint["state_dict"]]

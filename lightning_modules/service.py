@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -133,14 +134,18 @@ def create_app(
         if not isinstance(history, list) or not history or not all(isinstance(i, (str, int)) for i in history):
             return _error(422, 'history must be a non-empty list of item ids: {"history": ["<item id>", ...]}')
         record = store.require_current()
-        k = body.get("k", min(10, record.k))
-        if not isinstance(k, int) or not 1 <= k <= record.k:
-            return _error(422, f"k must be an integer between 1 and {record.k}; got {k!r}")
+        limit = getattr(live_recommender, "k", record.k)
+        k = body.get("k", min(10, limit))
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= limit:
+            return _error(422, f"k must be an integer between 1 and {limit}; got {k!r}")
         if live_recommender is None:
             return _error(
                 501, "live recommendations need a model: start `semconv serve --model <exported stage-3 dir>`"
             )
-        items, scores = live_recommender([str(item) for item in history], k)
+        try:  # the beam search blocks: off the event loop, so cached lookups keep being answered meanwhile
+            items, scores = await run_in_threadpool(live_recommender, [str(item) for item in history], k)
+        except SemConvError as err:  # an unknown item id (named), or k beyond the live path's K
+            return _error(422, str(err))
         return _json(
             {
                 "user": None,
@@ -153,23 +158,24 @@ def create_app(
     return app
 
 
-def load_live_recommender(model_dir: str) -> LiveRecommender:
-    """The live path's hook: a constrained beam search over the exported stage-3 model in ``model_dir``.
+def load_live_recommender(model_dir: str, **options) -> LiveRecommender:
+    """The live path over the exported stage-3 model in ``model_dir``.
 
-    Raises:
-        SemConvError: until the decoding code is wired here, naming what to do instead.
+    Args:
+        model_dir: the ``callbacks.LLMExporter`` directory.
+        options: keyword arguments of :func:`lightning_modules.live.load_live_recommender` (index, decoding).
     """
-    raise SemConvError(
-        f"--model {model_dir}: the live beam-search path is not wired into `semconv serve` yet; serve the cache "
-        "without --model (store compatibility can be checked with --dataset-hash/--model-hash)"
-    )
+    from lightning_modules.live import load_live_recommender as load
+
+    return load(model_dir, **options)
 
 
 def build_app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers`` > 1: each worker process opens the store named in ``SEMCONV_STORE``."""
     model_dir = os.environ.get("SEMCONV_MODEL") or None
     store = open_store(os.environ["SEMCONV_STORE"])
-    return create_app(store, load_live_recommender(model_dir) if model_dir else None)
+    options = json.loads(os.environ.get("SEMCONV_LIVE_OPTIONS") or "{}")
+    return create_app(store, load_live_recommender(model_dir, **options) if model_dir else None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,6 +184,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="exported stage-3 directory: live path + compatibility check")
+    parser.add_argument("--index", default=None, help="with --model: a cold-start extension of the model's index")
+    parser.add_argument("--num-beams", type=int, default=None, help="with --model: beam width (default: the export's)")
+    parser.add_argument("--code-softmax", choices=["vocabulary", "trie"], default=None,
+                        help="with --model: the model's code_softmax (default: the export's decoding record)")
     parser.add_argument("--dataset-hash", default=None, help="refuse a cache built for another dataset")
     parser.add_argument("--model-hash", default=None, help="refuse a cache built from another model artifact")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
@@ -196,7 +206,9 @@ def serve_main(argv: Sequence[str]) -> int:
         if args.model:
             model_hash, dataset_hash = artifact_hashes(args.model)
         record = store.check_compatible(dataset_hash=dataset_hash, model_hash=model_hash)
-        live = load_live_recommender(args.model) if args.model else None
+        options = {"index_dir": args.index, "num_beams": args.num_beams,
+                   "renormalize": None if args.code_softmax is None else args.code_softmax == "trie"}
+        live = load_live_recommender(args.model, **options) if args.model else None
     except SemConvError as err:
         print(f"semconv serve: {err}", file=sys.stderr)
         return 2
@@ -209,6 +221,7 @@ def serve_main(argv: Sequence[str]) -> int:
     if args.workers > 1:
         os.environ["SEMCONV_STORE"] = args.store
         os.environ["SEMCONV_MODEL"] = args.model or ""
+        os.environ["SEMCONV_LIVE_OPTIONS"] = json.dumps(options)
         store.close()
         # a worker imports the project's packages (torch, Lightning) before it answers: allow it time
         uvicorn.run("lightning_modules.service:build_app_from_env", factory=True, workers=args.workers,

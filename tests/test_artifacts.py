@@ -192,6 +192,9 @@ def test_cold_start_writes_a_new_complete_artifact_and_a_crash_keeps_the_old(cod
     artifact = read_artifact(work, "code_index")
     assert len(extended) == 124 and artifact.manifest["num_items"] == 124 and load_code_index(work) == extended
     assert artifact.manifest["files"]["code_vectors.pt"] == sha256_file(export / "code_vectors.pt")
+    # stage 3 serves the extension with a model trained on the original: its catalogue part hashes as the original
+    extended_index = load_item_index(work, codebook_run[2].catalogue, new_items=True)
+    assert extended_index.new_items == 4 and extended_index.trained_index_hash == sha256_file(export / "index.json")
 
 
 def test_hand_edited_index_is_refused(codebook_run, tmp_path):
