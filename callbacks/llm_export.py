@@ -46,30 +46,39 @@ def export_llm(output_dir: str | Path, module: Any, datamodule: Any, global_step
             model.save_pretrained(writer.path(weights))
         module.tokenizer.save_pretrained(writer.path("tokenizer"))
         writer.write_json("index.json", {str(item): tokens for item, tokens in enumerate(index.tokens())}, indent=None)
-        lora = {"rank": hp.lora_rank, "alpha": hp.lora_alpha, "dropout": hp.lora_dropout,
-                "target_modules": module.lora_target_modules}
-        manifest = writer.commit({
-            "dataset": catalogue.fingerprint(),
-            "num_items": catalogue.num_items,
-            "index_source": index.source,
-            "index_hash": index.index_hash,
-            "num_levels": index.num_levels,
-            "codebook_size": index.codebook_size,
-            "tokens_per_item": index.tokens_per_item,
-            "code_tokens": len(module.code_token_ids),
-            "vocab_size": len(module.tokenizer),
-            "pad_token_added": module.pad_token_added,
-            "base_model": hp.model_path,
-            "llama_config": hp.llama_config,
-            "mode": "lora" if hp.lora else "full_finetune",
-            "lora": lora if hp.lora else None,
-            "weights": weights,
-            "global_step": int(global_step),
-            # what the live path needs to rank exactly as the cache build does (lightning_modules.live)
-            "decoding": {"num_beams": module.decoding.num_beams, "top_k": module.decoding.top_k,
-                         "renormalize": module.decoding.renormalize},
-            "max_history": int(getattr(datamodule, "max_history", 20)),
-        })
+        lora = {
+            "rank": hp.lora_rank,
+            "alpha": hp.lora_alpha,
+            "dropout": hp.lora_dropout,
+            "target_modules": module.lora_target_modules,
+        }
+        manifest = writer.commit(
+            {
+                "dataset": catalogue.fingerprint(),
+                "num_items": catalogue.num_items,
+                "index_source": index.source,
+                "index_hash": index.index_hash,
+                "num_levels": index.num_levels,
+                "codebook_size": index.codebook_size,
+                "tokens_per_item": index.tokens_per_item,
+                "code_tokens": len(module.code_token_ids),
+                "vocab_size": len(module.tokenizer),
+                "pad_token_added": module.pad_token_added,
+                "base_model": hp.model_path,
+                "llama_config": hp.llama_config,
+                "mode": "lora" if hp.lora else "full_finetune",
+                "lora": lora if hp.lora else None,
+                "weights": weights,
+                "global_step": int(global_step),
+                # what the live path needs to rank exactly as the cache build does (lightning_modules.live)
+                "decoding": {
+                    "num_beams": module.decoding.num_beams,
+                    "top_k": module.decoding.top_k,
+                    "renormalize": module.decoding.renormalize,
+                },
+                "max_history": int(getattr(datamodule, "max_history", 20)),
+            }
+        )
     log.info("LLM recommender exported to %s (%s)", output_dir, weights)
     return manifest
 

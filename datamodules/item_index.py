@@ -107,7 +107,9 @@ class ItemIndex:
 
     def vocabulary(self) -> list[str]:
         """Every code token, level by level: the ``L x K`` quantiser tokens, then any extra-level tokens."""
-        return [f"<{level_letter(level)}_{code}>" for level, size in enumerate(self.level_sizes()) for code in range(size)]
+        return [
+            f"<{level_letter(level)}_{code}>" for level, size in enumerate(self.level_sizes()) for code in range(size)
+        ]
 
     def tokens(self) -> list[list[str]]:
         """Per item, its code-token strings (the LC-Rec ``index.json`` values)."""
@@ -128,7 +130,10 @@ class ItemIndex:
 
 def _read_index_json(path: Path) -> dict[str, list[str]]:
     if not path.is_file():
-        raise DataFormatError(f"{path}: index file not found. Set `data.init_args.index` to a stage-2 export directory or an LC-Rec index.json.")
+        raise DataFormatError(
+            f"{path}: index file not found. Set `data.init_args.index` to a stage-2 export directory or an LC-Rec "
+            "index.json."
+        )
     raw = _read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise DataFormatError(f'{path}: expected a non-empty JSON object {{"<item_idx>": ["<a_1>", ...]}}.')
@@ -217,8 +222,11 @@ def load_item_index(
         raise DataFormatError(
             f"{index_file}: codes for {len(items)} items, the catalogue has {num_items} (ids 0..{num_items - 1}; "
             f"first missing: {missing}). Every item needs a code tuple: use the index built for this dataset"
-            + (" (an index extended with cold-start items by assign_codes serves `lightning predict` only)."
-               if len(items) > num_items else ".")
+            + (
+                " (an index extended with cold-start items by assign_codes serves `lightning predict` only)."
+                if len(items) > num_items
+                else "."
+            )
         )
     width = codes.shape[1]
     if manifest is None:
@@ -227,13 +235,15 @@ def load_item_index(
         expected = manifest.get("tokens_per_item", num_levels)
         if width != expected or width not in (num_levels, num_levels + 1):
             raise DataFormatError(
-                f"{index_file}: tuples have {width} codes but the manifest says num_levels={num_levels}, tokens_per_item={expected}. "
+                f"{index_file}: tuples have {width} codes but the manifest says num_levels={num_levels}, "
+                f"tokens_per_item={expected}. "
                 "The index and manifest come from different exports; rerun stage 2."
             )
         too_big = codes[:, :num_levels].max()
         if too_big >= codebook_size:
             raise DataFormatError(
-                f"{index_file}: code {int(too_big)} is outside the manifest's codebook_size={codebook_size}. The index and manifest "
+                f"{index_file}: code {int(too_big)} is outside the manifest's codebook_size={codebook_size}. The "
+                "index and manifest "
                 "come from different exports; rerun stage 2."
             )
     deduplicated = 0
@@ -242,14 +252,18 @@ def load_item_index(
         first = np.flatnonzero(shared.numpy())[:2].tolist()
         if not dedupe_collisions:
             raise DataFormatError(
-                f"{index_file}: {int(shared.sum())} items share a code tuple with another item (e.g. items {first}), so generated "
+                f"{index_file}: {int(shared.sum())} items share a code tuple with another item (e.g. items {first}), "
+                "so generated "
                 "codes could not name one item. Use a collision-free stage-2 export, or set "
                 "`data.init_args.dedupe_collisions: true` to append a disambiguating code level."
             )
         codes, deduplicated = _append_disambiguation_level(codes)
         log.warning(
             "%s: %d items shared a code tuple; appended level <%s_*> (%d items moved off code 0)",
-            index_file, int(shared.sum()), level_letter(width), deduplicated,
+            index_file,
+            int(shared.sum()),
+            level_letter(width),
+            deduplicated,
         )
     for level in range(num_levels, codes.shape[1] if extended else num_levels):  # an extra level's size can grow
         if codes[num_items:, level].max() > codes[:num_items, level].max():
@@ -260,8 +274,14 @@ def load_item_index(
                 "items against this index again or retrain stage 3 on an index that has it."
             )
     return ItemIndex(
-        codes=codes, num_levels=num_levels, codebook_size=codebook_size, source=str(path.resolve()),
-        index_hash=sha256_file(index_file), code_vectors_path=vectors_path, manifest=manifest,
-        deduplicated=deduplicated, catalogue_items=num_items if extended else None,
+        codes=codes,
+        num_levels=num_levels,
+        codebook_size=codebook_size,
+        source=str(path.resolve()),
+        index_hash=sha256_file(index_file),
+        code_vectors_path=vectors_path,
+        manifest=manifest,
+        deduplicated=deduplicated,
+        catalogue_items=num_items if extended else None,
         base_index_hash=_base_hash(raw, num_items) if extended else None,
     )

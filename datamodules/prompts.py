@@ -12,7 +12,8 @@ Training batches mix the paper's alignment tasks (see :mod:`datamodules.prompt_t
 Batch formats::
 
     train: input_ids [B, T] (right-padded), attention_mask, labels (-100 except response + EOS), task [B], dropped [4]
-    train, packed: input_ids/position_ids/labels [B, T] (B packs), attention_mask [B, 1, T, T] bool, task [N], dropped [4]
+    train, packed: input_ids/position_ids/labels [B, T] (B packs), attention_mask [B, 1, T, T] bool, task [N],
+    dropped [4]
     val/test: input_ids [B, T] (left-padded LC-Rec prompt), attention_mask, target_item [B], user [B],
               seen_rows/seen_items [P] (the user's whole history before the target, for ``mask_history``)
 
@@ -181,10 +182,25 @@ class PromptDataModule(RecDataModule):
         pack_prompts: int = 0,
         predict_users: str | None = None,
     ) -> None:
-        super().__init__(data_dir, dataset, source, processed_dir, synthetic, max_history, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(
+            data_dir,
+            dataset,
+            source,
+            processed_dir,
+            synthetic,
+            max_history,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+        )
         field = "data.init_args."
-        require(preset is None or tasks is None or tasks == PRESETS[preset], field + "tasks",
-                f"unset when preset {preset!r} is set (the preset replaces `tasks`; set one or the other)", tasks)
+        require(
+            preset is None or tasks is None or tasks == PRESETS[preset],
+            field + "tasks",
+            f"unset when preset {preset!r} is set (the preset replaces `tasks`; set one or the other)",
+            tasks,
+        )
         require(negative_ratio >= 0, field + "negative_ratio", ">= 0 (0 = no negative task)", negative_ratio)
         require(max_length >= MIN_MAX_LENGTH, field + "max_length", f">= {MIN_MAX_LENGTH} tokens", max_length)
         require(pack_prompts >= 0, field + "pack_prompts", ">= 0 (0 = no packing)", pack_prompts)
@@ -206,15 +222,28 @@ class PromptDataModule(RecDataModule):
         super().setup(stage)
         if self.prompts is None:
             # cold-start items (an index extended after training) can be recommended, not trained or evaluated on
-            self.item_index = load_item_index(self.index, self.catalogue, self.dedupe_collisions,
-                                              new_items=stage == "predict")
-            log.info(
-                "item index %s: %d items x %d codes (L=%d, K=%d; %d cold-start items)", self.item_index.source,
-                len(self.item_index.codes), self.item_index.tokens_per_item, self.item_index.num_levels,
-                self.item_index.codebook_size, self.item_index.new_items,
+            self.item_index = load_item_index(
+                self.index, self.catalogue, self.dedupe_collisions, new_items=stage == "predict"
             )
-            self.prompts = PromptTasks(self.catalogue, self.split, self.item_index, self.task_weights, self.negative_ratio, self.max_length,
-                                       self.seed, pack=self.pack_prompts)
+            log.info(
+                "item index %s: %d items x %d codes (L=%d, K=%d; %d cold-start items)",
+                self.item_index.source,
+                len(self.item_index.codes),
+                self.item_index.tokens_per_item,
+                self.item_index.num_levels,
+                self.item_index.codebook_size,
+                self.item_index.new_items,
+            )
+            self.prompts = PromptTasks(
+                self.catalogue,
+                self.split,
+                self.item_index,
+                self.task_weights,
+                self.negative_ratio,
+                self.max_length,
+                self.seed,
+                pack=self.pack_prompts,
+            )
 
     def set_tokenizer(self, tokenizer) -> None:
         """Called by the model once its tokenizer holds the code tokens (and a pad token)."""
@@ -237,12 +266,21 @@ class PromptDataModule(RecDataModule):
         # Workers must not persist: each epoch's iterator has to see the plan re-drawn by set_epoch().
         sampler = LengthGroupedPlan(self.prompts, self.batch_size, self.seed) if self.group_by_length else None
         return DataLoader(
-            _TrainPrompts(self.prompts), batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
-            num_workers=self.num_workers, collate_fn=_identity_collate, persistent_workers=False,
+            _TrainPrompts(self.prompts),
+            batch_size=self.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=_identity_collate,
+            persistent_workers=False,
         )
 
     def _eval_loader(self, stage: str) -> DataLoader:
-        return self._loader(_EvalPrompts(self.prompts, self.split.samples(stage), self.eval_rows(stage)), self.eval_batch_size, shuffle=False)
+        return self._loader(
+            _EvalPrompts(self.prompts, self.split.samples(stage), self.eval_rows(stage)),
+            self.eval_batch_size,
+            shuffle=False,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")
@@ -256,4 +294,3 @@ class PromptDataModule(RecDataModule):
         if self.predict_users is not None:
             rows = read_user_list(self.predict_users, self.catalogue.user_ids)
         return self._loader(PredictPrompts(self.prompts, rows), self.eval_batch_size, shuffle=False)
-

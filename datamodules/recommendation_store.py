@@ -19,7 +19,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,7 +58,7 @@ class VersionMeta:
     k: int
     num_items: int
     dataset: str = ""
-    built_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    built_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -108,7 +108,7 @@ def decode_entry(raw: str | bytes) -> tuple[list[str], list[float]]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _check_rows(
@@ -118,7 +118,7 @@ def _check_rows(
         raise StoreError(
             f"write(): {len(users)} users, {len(items)} item lists and {len(scores)} score lists; one each"
         )
-    for user, row, row_scores in zip(users, items, scores):
+    for user, row, row_scores in zip(users, items, scores, strict=False):
         if len(row) != len(row_scores) or len(row) > k:
             raise StoreError(
                 f"write(): user {user!r} has {len(row)} items and {len(row_scores)} scores; "
@@ -256,7 +256,7 @@ class RecommendationStore(ABC):
 
     url: str = ""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: stores without connections keep it empty)
         """Release connections."""
 
 

@@ -158,7 +158,7 @@ class RedisWriter(VersionWriter):
     def write(self, users: Sequence[str], items: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]) -> None:
         _check_rows(users, items, scores, self.meta.k)
         with self.store.client.pipeline(transaction=False) as pipe:
-            for user, row, row_scores in zip(users, items, scores):
+            for user, row, row_scores in zip(users, items, scores, strict=False):
                 pipe.set(self.store.key(self.version, "u", str(user)), encode_entry(row, row_scores))
             pipe.incrby(self.store.key(self.version, "users"), len(users))
             pipe.execute()

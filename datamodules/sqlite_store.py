@@ -149,7 +149,7 @@ class SQLiteWriter(VersionWriter):
         _check_rows(users, items, scores, self.meta.k)
         rows = [
             (self.version, str(user), encode_entry(row, row_scores))
-            for user, row, row_scores in zip(users, items, scores)
+            for user, row, row_scores in zip(users, items, scores, strict=False)
         ]
         self._transaction([("INSERT OR REPLACE INTO entries (version, user, entry) VALUES (?, ?, ?)", rows)])
 

@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from datamodules.recommendation_store import VersionMeta, artifact_hashes, open_store
+from datamodules.recommendation_store import VersionMeta, artifact_hashes, open_store  # noqa: E402
 
 
 def free_port() -> int:
@@ -156,8 +156,10 @@ def time_live_path(base: str, history: list[str], requests: int) -> None:
     with httpx.Client(base_url=base, timeout=600) as client:
         live_ms = p50(lambda: client.post("/v1/recommendations", json={"history": history, "k": 10}))
         cached_ms = p50(lambda: client.get("/v1/users/user1/recommendations?k=10"))
-    print(f"live path ({len(history)}-item history, {requests} sequential requests): p50 {live_ms:.1f} ms; "
-          f"cached p50 {cached_ms:.2f} ms; live / cached = {live_ms / cached_ms:,.0f}x")
+    print(
+        f"live path ({len(history)}-item history, {requests} sequential requests): p50 {live_ms:.1f} ms; "
+        f"cached p50 {cached_ms:.2f} ms; live / cached = {live_ms / cached_ms:,.0f}x"
+    )
 
 
 def main() -> None:

@@ -52,8 +52,15 @@ class LiveRecommender:
         item_names: original item ids by item row (default: the row numbers, as the index keys).
     """
 
-    def __init__(self, model, tokenizer, index: ItemIndex, decoding: DecodingConfig, max_history: int,
-                 item_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        index: ItemIndex,
+        decoding: DecodingConfig,
+        max_history: int,
+        item_names: Sequence[str] | None = None,
+    ) -> None:
         num_items = len(index.codes)
         self.names = np.asarray([str(row) for row in range(num_items)] if item_names is None else item_names)
         if len(self.names) != num_items:
@@ -81,7 +88,9 @@ class LiveRecommender:
         if unknown or not history:
             raise UnknownItems(
                 f"unknown item id {unknown[0]!r} in history ({len(unknown)} unknown); items are the ids the model's "
-                f"index knows (e.g. {self.names[0]!r})" if unknown else "history must name at least one item"
+                f"index knows (e.g. {self.names[0]!r})"
+                if unknown
+                else "history must name at least one item"
             )
         if not 1 <= k <= self.k:
             raise ValueError(f"k must be between 1 and {self.k} (the live path's K); got k={k}")
@@ -131,8 +140,13 @@ def load_live_recommender(
             f"{model_dir}/manifest.json has no decoding record (an export from before it was recorded): give the "
             "model's settings, `semconv serve --num-beams <model.num_beams> --code-softmax <model.code_softmax>`"
         )
-    decoding = DecodingConfig(beams, min(recorded.get("top_k", beams), beams), renormalize=bool(renorm),
-                              mask_history=exclude_seen, do_sample=False)
+    decoding = DecodingConfig(
+        beams,
+        min(recorded.get("top_k", beams), beams),
+        renormalize=bool(renorm),
+        mask_history=exclude_seen,
+        do_sample=False,
+    )
     tokens = json.loads((Path(model_dir) / INDEX_FILE).read_text(encoding="utf-8"))  # hash checked by the loader
     index = _index(tokens, manifest, str(model_dir))
     if index_dir is not None:

@@ -35,7 +35,6 @@ import dataclasses
 import logging
 from typing import Any, Literal
 
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -123,23 +122,30 @@ class GenerativeRecommender(L.LightningModule):
     ) -> None:
         super().__init__()
         if (model_path is None) == (llama_config is None):
-            raise ValueError("set exactly one of `model_path` (pretrained LLM) and `llama_config` (a Llama built from scratch)")
+            raise ValueError(
+                "set exactly one of `model_path` (pretrained LLM) and `llama_config` (a Llama built from scratch)"
+            )
         if model_path is None and tokenizer_path is None:
             raise ValueError("a model built from `llama_config` needs `tokenizer_path`")
         if lora == full_finetune:
-            raise ValueError("choose one training mode: `lora: true` (adapters + new token rows) or `full_finetune: true`")
+            raise ValueError(
+                "choose one training mode: `lora: true` (adapters + new token rows) or `full_finetune: true`"
+            )
         if eval_top_k > num_beams or eval_top_k < TopKMetrics().max_k:
             raise ValueError(f"eval_top_k must be in [{TopKMetrics().max_k}, num_beams={num_beams}], got {eval_top_k}")
         if not all(0.0 <= beta < 1.0 for beta in adam_betas):
             raise ValueError(f"adam_betas must both be in [0, 1), got {adam_betas}")
         if code_softmax == "trie" and not full_finetune:
-            raise ValueError("code_softmax: trie reads the LM head's code rows directly; with LoRA they live in peft's "
-                             "trainable-token wrapper. Use full_finetune: true, or code_softmax: vocabulary.")
+            raise ValueError(
+                "code_softmax: trie reads the LM head's code rows directly; with LoRA they live in peft's "
+                "trainable-token wrapper. Use full_finetune: true, or code_softmax: vocabulary."
+            )
         self.save_hyperparameters()
         self.lora_target_modules = lora_target_modules or list(DEFAULT_LORA_TARGETS)
         # beam scores renormalised over the allowed codes when training scored codes that way
-        self.decoding = DecodingConfig(num_beams, eval_top_k, renormalize=code_softmax == "trie",
-                                       mask_history=mask_history)
+        self.decoding = DecodingConfig(
+            num_beams, eval_top_k, renormalize=code_softmax == "trie", mask_history=mask_history
+        )
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.code_trie: CodeTrie | None = None
@@ -157,11 +163,17 @@ class GenerativeRecommender(L.LightningModule):
     def _read_dataset_fingerprint(self) -> None:
         datamodule = self.trainer.datamodule
         if getattr(datamodule, "item_index", None) is None or not hasattr(datamodule, "set_tokenizer"):
-            raise RuntimeError(f"{type(self).__name__} needs a datamodule with an item index and set_tokenizer() (datamodules.PromptDataModule)")
+            raise RuntimeError(
+                f"{type(self).__name__} needs a datamodule with an item index and set_tokenizer() "
+                "(datamodules.PromptDataModule)"
+            )
         catalogue, index = datamodule.catalogue, datamodule.item_index
         # an index extended with cold-start items carries the hash of its catalogue part: the one trained on
-        self.dataset_fingerprint = {**catalogue.fingerprint(), "index_hash": index.trained_index_hash,
-                                    "tokens_per_item": index.tokens_per_item}
+        self.dataset_fingerprint = {
+            **catalogue.fingerprint(),
+            "index_hash": index.trained_index_hash,
+            "tokens_per_item": index.tokens_per_item,
+        }
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -187,10 +199,19 @@ class GenerativeRecommender(L.LightningModule):
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.trainer.strategy.config)
         if hp.model_path is not None:
             dtype = hp.load_dtype if hp.load_dtype == "auto" else getattr(torch, hp.load_dtype)
-            model = AutoModelForCausalLM.from_pretrained(hp.model_path, dtype=dtype, attn_implementation=hp.attn_implementation)
+            model = AutoModelForCausalLM.from_pretrained(
+                hp.model_path, dtype=dtype, attn_implementation=hp.attn_implementation
+            )
         else:
-            config = LlamaConfig(**{**hp.llama_config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                                    "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+            config = LlamaConfig(
+                **{
+                    **hp.llama_config,
+                    "vocab_size": len(tokenizer),
+                    "pad_token_id": tokenizer.pad_token_id,
+                    "bos_token_id": tokenizer.bos_token_id,
+                    "eos_token_id": tokenizer.eos_token_id,
+                }
+            )
             model = AutoModelForCausalLM.from_config(config, attn_implementation=hp.attn_implementation)
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
@@ -215,8 +236,9 @@ class GenerativeRecommender(L.LightningModule):
             old = weight[: min(self.code_token_ids)].float()  # the original vocabulary
             rows, how = code_rows(books.reshape(-1, dim), self.hparams.code_embedding_init, width, old)
             weight[token_ids[:levels, :size].reshape(-1)] = rows.to(weight.dtype)
-        log.info("initialised %d code-token input rows from %dx%d code vectors via %s",
-                 levels * size, levels, size, how)
+        log.info(
+            "initialised %d code-token input rows from %dx%d code vectors via %s", levels * size, levels, size, how
+        )
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -237,8 +259,9 @@ class GenerativeRecommender(L.LightningModule):
         vocabulary = index.vocabulary()
         tokenizer.add_tokens(vocabulary)
         token_table = index.level_token_ids(tokenizer.get_vocab())  # the one source of the code-token ids
-        self.code_token_ids = [int(token) for level, size in enumerate(index.level_sizes())
-                               for token in token_table[level, :size]]
+        self.code_token_ids = [
+            int(token) for level, size in enumerate(index.level_sizes()) for token in token_table[level, :size]
+        ]
         model = self._load_model(tokenizer)
         if hp.code_embedding_init != "random":
             self._init_code_embeddings(model, index, torch.from_numpy(token_table))
@@ -248,18 +271,32 @@ class GenerativeRecommender(L.LightningModule):
             from peft import LoraConfig, get_peft_model
 
             if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
-                raise ImportError("LoRA with trainable code-token rows needs peft>=0.15 (LoraConfig.trainable_token_indices)")
+                raise ImportError(
+                    "LoRA with trainable code-token rows needs peft>=0.15 (LoraConfig.trainable_token_indices)"
+                )
             names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
-            rows = {names[model.get_input_embeddings()]: self.code_token_ids, names[model.get_output_embeddings()]: self.code_token_ids}
+            rows = {
+                names[model.get_input_embeddings()]: self.code_token_ids,
+                names[model.get_output_embeddings()]: self.code_token_ids,
+            }
             config = LoraConfig(
-                r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=self.lora_target_modules,
-                trainable_token_indices=rows, task_type="CAUSAL_LM",
+                r=hp.lora_rank,
+                lora_alpha=hp.lora_alpha,
+                lora_dropout=hp.lora_dropout,
+                target_modules=self.lora_target_modules,
+                trainable_token_indices=rows,
+                task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, config)
         numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - a ZeRO-3 shard's numel() is 0
         trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-        log.info("%s: %d trainable of %d parameters; %d code tokens added", "LoRA" if hp.lora else "full fine-tuning",
-                 trainable, sum(numel(p) for p in model.parameters()), len(vocabulary))
+        log.info(
+            "%s: %d trainable of %d parameters; %d code tokens added",
+            "LoRA" if hp.lora else "full fine-tuning",
+            trainable,
+            sum(numel(p) for p in model.parameters()),
+            len(vocabulary),
+        )
         model.train()  # from_pretrained returns eval mode, which would silence dropout (LoRA's included) in training
         self.model, self.tokenizer = model, tokenizer
         datamodule.set_tokenizer(tokenizer)
@@ -282,8 +319,9 @@ class GenerativeRecommender(L.LightningModule):
         mask = batch["attention_mask"]
         if mask.ndim == 4:  # packed prefix trees (datamodules.packing): a boolean ancestor mask
             mask = self._tree_mask(lm, mask)
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
-                                  use_cache=False).last_hidden_state
+        hidden = lm.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"), use_cache=False
+        ).last_hidden_state
         targets = batch["labels"][:, 1:]
         supervised = targets != -100
         if self.hparams.code_softmax == "trie":
@@ -300,10 +338,14 @@ class GenerativeRecommender(L.LightningModule):
         if implementation == "eager":
             dtype = lm.get_input_embeddings().weight.dtype
             return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        raise ValueError(f"pack_prompts needs an attention implementation that takes a 4-D mask (sdpa or eager); the model "
-                         f"uses {implementation!r}: set pack_prompts: 0 or attn_implementation: sdpa")
+        raise ValueError(
+            f"pack_prompts needs an attention implementation that takes a 4-D mask (sdpa or eager); the model "
+            f"uses {implementation!r}: set pack_prompts: 0 or attn_implementation: sdpa"
+        )
 
-    def _trie_loss(self, lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+    def _trie_loss(
+        self, lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor
+    ) -> torch.Tensor:
         """Cross-entropy with each code target scored among the trie's continuations of its prefix.
 
         That is the exact log-likelihood of the item under the renormalised constrained decoder: a product over
@@ -327,7 +369,9 @@ class GenerativeRecommender(L.LightningModule):
             rows, cols = torch.nonzero(depth == d, as_tuple=True)
             prefix = targets[rows[:, None], (cols[:, None] - d + torch.arange(d, device=targets.device)).clamp(min=0)]
             state = trie.walk(prefix)
-            valid = (state >= 0) & (cols >= d)  # a code token outside any item's code (e.g. in a text) is scored as text
+            valid = (state >= 0) & (
+                cols >= d
+            )  # a code token outside any item's code (e.g. in a text) is scored as text
             rows, cols, state = rows[valid], cols[valid], state[valid]
             logits = (hidden[rows, cols] @ code_rows[d].T).float()
             logits = logits.masked_fill(~trie.allowed[state, : code_rows[d].shape[0]], -float("inf"))
@@ -343,7 +387,14 @@ class GenerativeRecommender(L.LightningModule):
             set_epoch(self.current_epoch)  # fresh negatives / subsets / templates every epoch
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        self.log("train/dropped_long", batch["dropped"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        self.log(
+            "train/dropped_long",
+            batch["dropped"].sum().float(),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            batch_size=1,
+        )
         if batch["input_ids"].shape[0] == 0:
             return None  # every sample was longer than max_length: skip the step
         loss = self.response_loss(batch)
@@ -404,7 +455,9 @@ class GenerativeRecommender(L.LightningModule):
         checkpoint["dataset_fingerprint"] = self.dataset_fingerprint
         if not self.strict_loading:
             frozen = {f"model.{name}" for name, param in self.model.named_parameters() if not param.requires_grad}
-            checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key not in frozen}
+            checkpoint["state_dict"] = {
+                key: value for key, value in checkpoint["state_dict"].items() if key not in frozen
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         index = self.trainer.datamodule.item_index if self._trainer is not None else None
@@ -416,17 +469,28 @@ class GenerativeRecommender(L.LightningModule):
                 "checkpoint was trained on: extend the training index itself (callbacks.index_export.assign_codes "
                 "never changes existing codes), or serve with the index the checkpoint was trained on."
             )
-        check_dataset_fingerprint(checkpoint.get("dataset_fingerprint"), self.dataset_fingerprint, "LLM checkpoint (data + item index)")
+        check_dataset_fingerprint(
+            checkpoint.get("dataset_fingerprint"), self.dataset_fingerprint, "LLM checkpoint (data + item index)"
+        )
         if not self.strict_loading and self.model is not None:
-            missing = [name for name, param in self.model.named_parameters() if param.requires_grad and f"model.{name}" not in checkpoint["state_dict"]]
+            missing = [
+                name
+                for name, param in self.model.named_parameters()
+                if param.requires_grad and f"model.{name}" not in checkpoint["state_dict"]
+            ]
             if missing:
-                raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[:3]}); it is not from this LoRA setup")
+                raise CheckpointMismatchError(
+                    f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[:3]}); it is not from this "
+                    "LoRA setup"
+                )
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [param for param in self.parameters() if param.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
         optimizer = adamw(self._trainer, [group for group in groups if group["params"]], lr=hp.lr, betas=hp.adam_betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.trainer, hp.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

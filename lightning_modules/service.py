@@ -91,7 +91,10 @@ def create_app(
 
     def items_payload(items, scores, version) -> list[dict]:
         titles = store.titles(version, items)
-        return [{"item": item, "title": title, "score": score} for item, title, score in zip(items, titles, scores)]
+        return [
+            {"item": item, "title": title, "score": score}
+            for item, title, score in zip(items, titles, scores, strict=False)
+        ]
 
     # async: a lookup is one short store read, cheaper inline than a thread-pool hop
     @app.get("/v1/users/{user_id}/recommendations")
@@ -186,8 +189,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="exported stage-3 directory: live path + compatibility check")
     parser.add_argument("--index", default=None, help="with --model: a cold-start extension of the model's index")
     parser.add_argument("--num-beams", type=int, default=None, help="with --model: beam width (default: the export's)")
-    parser.add_argument("--code-softmax", choices=["vocabulary", "trie"], default=None,
-                        help="with --model: the model's code_softmax (default: the export's decoding record)")
+    parser.add_argument(
+        "--code-softmax",
+        choices=["vocabulary", "trie"],
+        default=None,
+        help="with --model: the model's code_softmax (default: the export's decoding record)",
+    )
     parser.add_argument("--dataset-hash", default=None, help="refuse a cache built for another dataset")
     parser.add_argument("--model-hash", default=None, help="refuse a cache built from another model artifact")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
@@ -206,8 +213,11 @@ def serve_main(argv: Sequence[str]) -> int:
         if args.model:
             model_hash, dataset_hash = artifact_hashes(args.model)
         record = store.check_compatible(dataset_hash=dataset_hash, model_hash=model_hash)
-        options = {"index_dir": args.index, "num_beams": args.num_beams,
-                   "renormalize": None if args.code_softmax is None else args.code_softmax == "trie"}
+        options = {
+            "index_dir": args.index,
+            "num_beams": args.num_beams,
+            "renormalize": None if args.code_softmax is None else args.code_softmax == "trie",
+        }
         live = load_live_recommender(args.model, **options) if args.model else None
     except SemConvError as err:
         print(f"semconv serve: {err}", file=sys.stderr)
@@ -217,15 +227,26 @@ def serve_main(argv: Sequence[str]) -> int:
         f"http://{args.host}:{args.port}",
         file=sys.stderr,
     )
-    common = {"host": args.host, "port": args.port, "access_log": False, "log_level": os.environ.get("SEMCONV_LOG_LEVEL", "warning"), "http": args.http}
+    common = {
+        "host": args.host,
+        "port": args.port,
+        "access_log": False,
+        "log_level": os.environ.get("SEMCONV_LOG_LEVEL", "warning"),
+        "http": args.http,
+    }
     if args.workers > 1:
         os.environ["SEMCONV_STORE"] = args.store
         os.environ["SEMCONV_MODEL"] = args.model or ""
         os.environ["SEMCONV_LIVE_OPTIONS"] = json.dumps(options)
         store.close()
         # a worker imports the project's packages (torch, Lightning) before it answers: allow it time
-        uvicorn.run("lightning_modules.service:build_app_from_env", factory=True, workers=args.workers,
-                    timeout_worker_healthcheck=120, **common)
+        uvicorn.run(
+            "lightning_modules.service:build_app_from_env",
+            factory=True,
+            workers=args.workers,
+            timeout_worker_healthcheck=120,
+            **common,
+        )
     else:
         uvicorn.run(create_app(store, live), **common)
     return 0

@@ -80,4 +80,3 @@ def publish_version(store: RecommendationStore, users: list[str], offset: int, k
     writer.set_popular([f"p{offset}_{j}" for j in range(k)], [float(k - j) for j in range(k)])
     writer.set_titles({f"i{offset + j}": f"Title {offset + j}" for j in range(3)})
     return writer.publish().version
-

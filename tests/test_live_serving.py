@@ -46,12 +46,33 @@ def trained(synthetic_dir, tmp_path_factory):
     catalogue = load_lcrec(str(synthetic_dir), "Synthetic")
     index = write_export(tmp / "codebook", catalogue)
     root, export = tmp / "fit", tmp / "llm"
-    main(["fit", *tiny_run_args("synthetic/llm.yaml", synthetic_dir, root, "--config", str(_callbacks(tmp, export)),
-                                "--data.init_args.index", str(index), "--data.init_args.eval_max_users=4",
-                                "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--test_after_fit=false")])
+    main(
+        [
+            "fit",
+            *tiny_run_args(
+                "synthetic/llm.yaml",
+                synthetic_dir,
+                root,
+                "--config",
+                str(_callbacks(tmp, export)),
+                "--data.init_args.index",
+                str(index),
+                "--data.init_args.eval_max_users=4",
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=3",
+                "--test_after_fit=false",
+            ),
+        ]
+    )
     checkpoint = next((root / "csv" / "version_0" / "checkpoints").glob("*.ckpt"))
-    return {"tmp": tmp, "catalogue": catalogue, "index": index, "export": export, "ckpt": checkpoint,
-            "data": synthetic_dir}
+    return {
+        "tmp": tmp,
+        "catalogue": catalogue,
+        "index": index,
+        "export": export,
+        "ckpt": checkpoint,
+        "data": synthetic_dir,
+    }
 
 
 def build_cache(
@@ -64,11 +85,25 @@ def build_cache(
         (trained["tmp"] / f"{name}.users").write_text("\n".join(users))
         selection += ["--data.init_args.predict_users", str(trained["tmp"] / f"{name}.users")]
     # after the cache piece: `--trainer.callbacks.init_args.*` sets the last callback listed so far
-    main(["predict", *tiny_run_args("synthetic/llm.yaml", trained["data"], trained["tmp"] / name,
-                                    "--config", str(CONFIGS / "serving/cache.yaml"),
-                                    "--data.init_args.index", str(index),
-                                    "--trainer.callbacks.init_args.store", store, *selection),
-          "--ckpt_path", str(trained["ckpt"])])
+    main(
+        [
+            "predict",
+            *tiny_run_args(
+                "synthetic/llm.yaml",
+                trained["data"],
+                trained["tmp"] / name,
+                "--config",
+                str(CONFIGS / "serving/cache.yaml"),
+                "--data.init_args.index",
+                str(index),
+                "--trainer.callbacks.init_args.store",
+                store,
+                *selection,
+            ),
+            "--ckpt_path",
+            str(trained["ckpt"]),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +152,9 @@ def test_cold_start_items_reach_the_cache(trained):
     base = synthetic_codes()
     new = cold_start_codes(base)
     record = {"first_item": len(base), "last_item": len(base) + len(new) - 1, "count": len(new)}
-    extended = write_export(tmp / "extended", catalogue, np.concatenate([base, new]), num_items=len(base) + len(new),
-                            cold_start=[record])
+    extended = write_export(
+        tmp / "extended", catalogue, np.concatenate([base, new]), num_items=len(base) + len(new), cold_start=[record]
+    )
     index = load_item_index(extended, catalogue, new_items=True)
     assert index.new_items == len(new) and (index.codes[: len(base)] == base).all()  # existing codes never change
     assert index.trained_index_hash == load_item_index(trained["index"], catalogue).index_hash
@@ -146,8 +182,9 @@ def test_an_index_that_changes_trained_codes_is_refused(trained, capsys):
     moved[[0, 1]] = moved[[1, 0]]  # two existing items swap codes
     new = cold_start_codes(base)[:3]
     record = {"first_item": len(base), "last_item": len(base) + 2, "count": 3}
-    changed = write_export(tmp / "changed", catalogue, np.concatenate([moved, new]), num_items=len(base) + 3,
-                           cold_start=[record])
+    changed = write_export(
+        tmp / "changed", catalogue, np.concatenate([moved, new]), num_items=len(base) + 3, cold_start=[record]
+    )
     with pytest.raises(SystemExit):
         build_cache(trained, f"sqlite:///{tmp / 'refused.sqlite'}", changed, "predict_refused")
     assert "first 120 items' codes are not the ones the checkpoint was trained on" in capsys.readouterr().err
