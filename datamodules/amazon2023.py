@@ -34,9 +34,9 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from datamodules.amazon_raw import RawFiles, clean_text
-from datamodules.artifacts import atomic_write, read_manifest, sha256_files, write_manifest
-from datamodules.catalogue import DataFormatError, lcrec_paths, write_lcrec
+from datamodules.amazon_raw import RawFiles, clean_text, finish_conversion, start_conversion
+from datamodules.artifacts import atomic_write
+from datamodules.catalogue import DataFormatError, write_lcrec
 
 log = logging.getLogger(__name__)
 
@@ -343,24 +343,10 @@ def convert_amazon2023(
         raise ValueError(f"user_k and item_k must be >= 1, got {user_k}, {item_k}")
     raw = find_amazon2023_files(raw_dir, category, required=True)
     out_dir = Path(out_dir)
-    expected = {
-        "converter": CONVERTER_VERSION,
-        "category": category,
-        "raw_sha256": sha256_files([raw.reviews, raw.meta]),
-        "user_k": user_k,
-        "item_k": item_k,
-    }
-    outputs = [
-        *(lcrec_paths(out_dir, category)[k] for k in ("inter", "item", "review")),
-        out_dir / f"{category}.item2id",
-        out_dir / f"{category}.user2id",
-    ]
-    if _is_current(out_dir, expected, outputs):
-        log.info("%s: up to date with %s, not reconverting", out_dir, raw.reviews.name)
+    expected = start_conversion(raw, category, out_dir, user_k, item_k, CONVERTER_VERSION)
+    if expected is None:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    # a stale manifest must not vouch for half-rewritten files if this run is interrupted
-    (out_dir / "manifest.json").unlink(missing_ok=True)
 
     spill = tempfile.TemporaryDirectory(prefix=".duckdb-", dir=out_dir)
     with spill, connect(memory_limit, threads, spill.name) as con:
@@ -383,20 +369,5 @@ def convert_amazon2023(
             out_dir / f"{category}.{kind}",
             lambda handle, names=names: handle.writelines(f"{n}\t{i}\n" for i, n in enumerate(names)),
         )
-    if lcrec_paths(out_dir, category)["index"].is_file():
-        log.warning(
-            "%s: item codes predate this conversion and may not match the new item ids; regenerate them.",
-            lcrec_paths(out_dir, category)["index"],
-        )
     counts = {"users": len(user_names), "items": len(item_names), "interactions": sum(map(len, sequences.values()))}
-    write_manifest(out_dir, {**expected, "raw_files": [raw.reviews.name, raw.meta.name], "counts": counts})
-    log.info("%s: converted %s -> %s %s", category, raw.reviews.name, out_dir, counts)
-    return out_dir
-
-
-def _is_current(out_dir: Path, expected: dict[str, Any], outputs: list[Path]) -> bool:
-    try:
-        manifest = read_manifest(out_dir)
-    except (FileNotFoundError, ValueError):
-        return False
-    return all(manifest.get(key) == value for key, value in expected.items()) and all(p.is_file() for p in outputs)
+    return finish_conversion(raw, category, out_dir, expected, counts)

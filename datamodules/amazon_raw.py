@@ -298,23 +298,9 @@ def convert_amazon_raw(
         raise ValueError(f"user_k and item_k must be >= 1, got {user_k}, {item_k}")
     raw = find_raw_files(raw_dir, category, required=True)
     out_dir = Path(out_dir)
-    expected = {
-        "converter": CONVERTER_VERSION,
-        "category": category,
-        "raw_sha256": sha256_files([raw.reviews, raw.meta]),
-        "user_k": user_k,
-        "item_k": item_k,
-    }
-    outputs = [
-        *(lcrec_paths(out_dir, category)[k] for k in ("inter", "item", "review")),
-        out_dir / f"{category}.item2id",
-        out_dir / f"{category}.user2id",
-    ]
-    if _is_current(out_dir, expected, outputs):
-        log.info("%s: up to date with %s, not reconverting", out_dir, raw.reviews.name)
+    expected = start_conversion(raw, category, out_dir, user_k, item_k, CONVERTER_VERSION)
+    if expected is None:
         return out_dir
-    # a stale manifest must not vouch for half-rewritten files if this run is interrupted
-    (out_dir / "manifest.json").unlink(missing_ok=True)
 
     user_code, item_code, users, items, times, lines = _read_reviews(raw.reviews)
     meta = _read_meta(raw.meta, item_code)
@@ -332,16 +318,43 @@ def convert_amazon_raw(
     write_lcrec(out_dir, category, sequences, item_text, _collect_reviews(raw.reviews, lines, users, item_ids))
     _write_ids(out_dir / f"{category}.item2id", [item_names[c] for c in item_by_id.tolist()])
     _write_ids(out_dir / f"{category}.user2id", [user_names[c] for c in user_by_id.tolist()])
+    counts = {"users": len(user_by_id), "items": len(item_by_id), "interactions": len(flat)}
+    return finish_conversion(raw, category, out_dir, expected, counts)
+
+
+def start_conversion(
+    raw: RawFiles, category: str, out_dir: Path, user_k: int, item_k: int, converter: str
+) -> dict[str, Any] | None:
+    """The manifest fields of converting ``raw`` into ``out_dir``, or None when ``out_dir`` already holds exactly
+    that conversion. Otherwise the stale manifest is removed first, so it never vouches for half-rewritten files."""
+    expected = {
+        "converter": converter,
+        "category": category,
+        "raw_sha256": sha256_files([raw.reviews, raw.meta]),
+        "user_k": user_k,
+        "item_k": item_k,
+    }
+    outputs = [
+        *(lcrec_paths(out_dir, category)[k] for k in ("inter", "item", "review")),
+        out_dir / f"{category}.item2id",
+        out_dir / f"{category}.user2id",
+    ]
+    if manifest_matches(out_dir, expected) and all(path.is_file() for path in outputs):
+        log.info("%s: up to date with %s, not reconverting", out_dir, raw.reviews.name)
+        return None
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    return expected
+
+
+def finish_conversion(
+    raw: RawFiles, category: str, out_dir: Path, expected: dict[str, Any], counts: dict[str, int]
+) -> Path:
+    """Write the manifest that marks ``out_dir`` a complete conversion (after every data file)."""
     if lcrec_paths(out_dir, category)["index"].is_file():
         log.warning(
             "%s: item codes predate this conversion and may not match the new item ids; regenerate them.",
             lcrec_paths(out_dir, category)["index"],
         )
-    counts = {"users": len(user_by_id), "items": len(item_by_id), "interactions": len(flat)}
     write_manifest(out_dir, {**expected, "raw_files": [raw.reviews.name, raw.meta.name], "counts": counts})
     log.info("%s: converted %s -> %s %s", category, raw.reviews.name, out_dir, counts)
     return out_dir
-
-
-def _is_current(out_dir: Path, expected: dict[str, Any], outputs: list[Path]) -> bool:
-    return manifest_matches(out_dir, expected) and all(p.is_file() for p in outputs)
