@@ -23,7 +23,6 @@ from tests import serving_fixtures
 from tests.conftest import CONFIGS, tiny_run_args
 from tests.test_prompts_llm import (
     _callbacks,
-    require_tokenizer,
     synthetic_codes,
     write_export,
 )
@@ -39,9 +38,8 @@ def cold_start_codes(codes: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_dir, tmp_path_factory):
+def trained(synthetic_dir, tmp_path_factory, tiny_tokenizer):
     """A tiny stage-3 run on a stage-2-style index: its checkpoint, export and the index."""
-    require_tokenizer()
     tmp = tmp_path_factory.mktemp("live")
     catalogue = load_lcrec(str(synthetic_dir), "Synthetic")
     index = write_export(tmp / "codebook", catalogue)
@@ -55,6 +53,7 @@ def trained(synthetic_dir, tmp_path_factory):
                 root,
                 "--config",
                 str(_callbacks(tmp, export)),
+                f"--model.init_args.tokenizer_path={tiny_tokenizer}",
                 "--data.init_args.index",
                 str(index),
                 "--data.init_args.eval_max_users=4",
