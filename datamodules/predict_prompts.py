@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.catalogue import DataFormatError
-from datamodules.prompt_tasks import PromptTasks
+from datamodules.prompt_tasks import PromptTasks, left_padded
 from datamodules.prompt_templates import HISTORY_SEPARATOR, eval_prompt
 
 
@@ -55,12 +55,7 @@ def serving_batch(
     """
     texts = [eval_prompt(HISTORY_SEPARATOR.join(code_text[item] for item in seq[-max_history:])) for seq in sequences]
     prompt_ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    width = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(texts), width), dtype=torch.long)
-    for out, ids in enumerate(prompt_ids):
-        input_ids[out, width - len(ids) :] = torch.tensor(ids)
-        attention[out, width - len(ids) :] = 1
+    input_ids, attention = left_padded(prompt_ids, tokenizer.pad_token_id)
     lengths = [len(seq) for seq in sequences]
     return {
         "input_ids": input_ids,

@@ -81,6 +81,17 @@ def _scaled(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.nda
     return np.concatenate([np.tile(rows, repeats), rng.choice(rows, rest, replace=False)])
 
 
+def left_padded(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, T]`` of prompts left-padded to the longest (generation layout)."""
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for out, ids in enumerate(prompt_ids):
+        input_ids[out, width - len(ids) :] = torch.tensor(ids)
+        attention[out, width - len(ids) :] = 1
+    return input_ids, attention
+
+
 class PromptTasks:
     """Sources of the four alignment tasks, the epoch plan, and batch rendering / tokenization.
 
@@ -417,12 +428,7 @@ class PromptTasks:
         prompt_ids = tokenizer([eval_prompt(self.history_text(row)) for row in histories], add_special_tokens=True)[
             "input_ids"
         ]
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for out, ids in enumerate(prompt_ids):
-            input_ids[out, width - len(ids) :] = torch.tensor(ids)
-            attention[out, width - len(ids) :] = 1
+        input_ids, attention = left_padded(prompt_ids, tokenizer.pad_token_id)
         seen_rows, seen_items = self.split.seen_items(index, rows)  # the whole history, for `mask_history`
         return {
             "input_ids": input_ids,

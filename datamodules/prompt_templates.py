@@ -18,16 +18,22 @@ FRAME = (
 
 SEQUENTIAL = (
     # LC-Rec's evaluation instruction: keep it first and verbatim.
-    "The user has interacted with items {history} in chronological order. Can you predict the next possible item that the user may expect?",
+    "The user has interacted with items {history} in chronological order. Can you predict the next possible "
+    "item that the user may expect?",
     "Here is the item interaction history of the user: {history}. What to recommend to the user next?",
-    "Given the user's historical interactive items arranged in chronological order: {history}, can you recommend a suitable item for the user?",
-    "Based on the items the user has interacted with, {history}, can you determine which item the user will interact with next?",
+    "Given the user's historical interactive items arranged in chronological order: {history}, can you "
+    "recommend a suitable item for the user?",
+    "Based on the items the user has interacted with, {history}, can you determine which item the user will "
+    "interact with next?",
 )
 
 NEGATIVE = (
-    "The user has interacted with items {history} in chronological order. Can you name an item that the user is unlikely to interact with?",
-    "Here is the item interaction history of the user: {history}. Which item would the user probably not be interested in?",
-    "Given the user's historical interactive items arranged in chronological order: {history}, recommend an item that does not match the user's interests.",
+    "The user has interacted with items {history} in chronological order. Can you name an item that the user "
+    "is unlikely to interact with?",
+    "Here is the item interaction history of the user: {history}. Which item would the user probably not be "
+    "interested in?",
+    "Given the user's historical interactive items arranged in chronological order: {history}, recommend an "
+    "item that does not match the user's interests.",
 )
 
 CODE_TO_TITLE = (

@@ -214,31 +214,10 @@ def run(args: argparse.Namespace) -> None:
         )
         return sum(len(set(out[row].tolist()) & set(history)) for row, history in enumerate(users))
 
-    def full_vocabulary(batch, renormalize: bool):
-        return generate_topk(
-            model,
-            tokenizer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            trie,
-            beams,
-            beams,
-            renormalize=renormalize,
-            code_view=False,
-        )
-
-    def code_view(batch, renormalize: bool):
-        return generate_topk(
-            model,
-            tokenizer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            trie,
-            beams,
-            beams,
-            renormalize=renormalize,
-            code_view=True,
-        )
+    def search(batch, renormalize: bool, view: bool):
+        """Constrained search over the full vocabulary (``view=False``) or the code-vocabulary view."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        return generate_topk(model, tokenizer, ids, mask, trie, beams, beams, renormalize=renormalize, code_view=view)
 
     def dict_trie(batch):
         plen = batch["input_ids"].shape[1]
@@ -258,7 +237,7 @@ def run(args: argparse.Namespace) -> None:
         return out
 
     # Warm-up (allocator, kernels, the first dict trie) on one batch of each mode, then forget its timings.
-    unconstrained(batches[0]), ours(batches[0], True), dict_trie(batches[0]), code_view(batches[0], True)
+    unconstrained(batches[0]), ours(batches[0], True), dict_trie(batches[0]), search(batches[0], True, True)
     clock.clear()
     same, valid, total = 0, 0, 0
     for batch in batches:
@@ -276,8 +255,8 @@ def run(args: argparse.Namespace) -> None:
     for batch in view_batches:
         for renormalize in (False, True):
             suffix = "_renormalized" if renormalize else ""
-            full_items, _ = timed("full" + suffix, full_vocabulary, batch, renormalize)
-            view_items, _ = timed("view" + suffix, code_view, batch, renormalize)
+            full_items, _ = timed("full" + suffix, search, batch, renormalize, False)
+            view_items, _ = timed("view" + suffix, search, batch, renormalize, True)
             view_same[renormalize] += int((full_items == view_items).all(dim=1).sum())
     clock["view_users"] = sum(batch["input_ids"].shape[0] for batch in view_batches)
     clock["view_same"], clock["view_same_renormalized"] = view_same[False], view_same[True]
