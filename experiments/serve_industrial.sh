@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serving on Amazon Industrial_and_Scientific: build the top-K cache from the trained stage-3 model
-# (experiments/industrial_e2e.sh) into SQLite and into Redis, serve each, and query a known and an unknown user
+# (semconv pipeline --config configs/industrial/pipeline.yaml) into SQLite and into Redis, serve each, and query a known and an unknown user
 # (cached), plus the known user's history on the live path. Prints the cache build's users/s and its profile
 # (Lightning's SimpleProfiler: prompt building = the predict loop's batch fetch, generate = predict_step, store
 # writes = the writer's batch hook).
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ART=${ART:-artifacts/industrial}
-CKPT=${CKPT:-runs/industrial/llm/csv/version_0/checkpoints/last.ckpt}
+CKPT=${CKPT:-runs/industrial/pipeline/llm/csv/version_0/checkpoints/last.ckpt}
 OUT=${OUT:-runs/industrial/serving}
 MODEL=${MODEL:-$ART/llm}
 STORES=${STORES:-sqlite,redis}

@@ -159,6 +159,13 @@ def main(args: list[str] | None = None) -> None:
             if status:
                 raise SystemExit(status)
             return
+        if given[:1] == ["pipeline"]:  # `semconv pipeline --config ...`: every stage in order, then one table
+            from lightning_modules.pipeline import pipeline_main
+
+            status = pipeline_main(given[1:])
+            if status:
+                raise SystemExit(status)
+            return
         build_cli(None if args is None else given)
     except Exception as error:
         cause = None if debug else project_error(error)

@@ -21,7 +21,7 @@ PIECES = sorted(
 RUN_CONFIGS = sorted(
     str(path.relative_to(CONFIGS))
     for path in CONFIGS.rglob("*.yaml")
-    if path.parent.name not in ("trainer", "logger", "strategy", "sweeps", "serving")
+    if path.parent.name not in ("trainer", "logger", "strategy", "sweeps", "serving") and path.name != "pipeline.yaml"
 )
 
 
