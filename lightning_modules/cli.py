@@ -93,8 +93,10 @@ class SemConvCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> SemConvCLI:
     """Parse ``args`` (``sys.argv`` when None), instantiate, and run the subcommand when ``run``."""
-    # W&B stays offline unless the user opts in (WANDB_MODE=online); nothing leaves the machine by default.
-    os.environ.setdefault("WANDB_MODE", "offline")
+    # W&B stays offline unless the user opts in (WANDB_MODE=online); nothing leaves the machine by default. A run
+    # that `wandb agent` started (it sets WANDB_SWEEP_ID) has opted in: offline, it would never report to its sweep.
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        os.environ.setdefault("WANDB_MODE", "offline")
     # Configs write ${trainer.default_root_dir}; under a subcommand the merged config is nested (fit.trainer...),
     # so absolute interpolation paths must be read relative to the subcommand's root.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)

@@ -296,27 +296,6 @@ def test_predict_writes_top_k_per_user(synthetic_dir, tmp_path):
         assert not set(record["items"]) & set(catalogue.sequence(record["user"])[:-1].tolist())
 
 
-@pytest.mark.parametrize("sweep", sorted(path.name for path in (CONFIGS / "sweeps").glob("*.yaml")))
-def test_every_sweep_runs_the_cli_with_each_value(sweep, tmp_path, monkeypatch):
-    import yaml
-
-    from tests.conftest import REPO
-
-    spec = yaml.safe_load((CONFIGS / "sweeps" / sweep).read_text())
-    assert spec["program"] == "lightning" and spec["command"][:2] == ["${program}", "fit"]
-    configs = [
-        arg for previous, arg in zip(spec["command"], spec["command"][1:], strict=False) if previous == "--config"
-    ]
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    for name, parameter in spec["parameters"].items():
-        for value in parameter["values"]:
-            args = [arg for config in configs for arg in ("--config", str(REPO / config))]
-            cli = build_cli([*args, f"--{name}={value}"], run=False)
-            owner, _, field = name.partition(".init_args.")
-            target = cli.model if owner == "model" else cli.datamodule
-            assert target.hparams[field] == value
-
-
 # ------------------------------------------------------------------------------------------ readable errors
 def run_command(*args: str, debug_env: bool = False) -> subprocess.CompletedProcess:
     """``python -m lightning_modules.cli`` as a user runs it (a new process: stderr as the user sees it)."""
