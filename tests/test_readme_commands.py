@@ -59,7 +59,6 @@ PARSE_ONLY = [
 ]
 # What the scripts named in the README need, which is why only their --help (python) or syntax (bash) is checked.
 SCRIPT_REASONS = {
-    "experiments/industrial_e2e.sh": "every stage on Industrial_and_Scientific: ~25 min on 2 CPU cores",
     "experiments/gpu_smoke.sh": "needs a GPU",
 }
 
