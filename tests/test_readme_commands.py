@@ -243,6 +243,8 @@ def test_cli_command_parses(command, monkeypatch, capsys):
     inputs = [] if data.get("source") == "synthetic" else [data["data_dir"]]
     inputs += [value for key, value in config["model"]["init_args"].items() if key == "tokenizer_path" and value]
     for path in map(Path, inputs):
+        if path.parts[:1] == ("artifacts",):
+            continue  # written by an earlier stage (e.g. the synthetic pipeline's tokenizer)
         if not path.exists():
             if path.resolve().is_relative_to(SHARED.resolve()) and not SHARED.is_dir():
                 pytest.skip(f"{command} parses; its input {path} is in ../shared, absent here")
