@@ -1,0 +1,264 @@
+"""experiments/reproduce.py: every table's pipeline parses with the CLI, shared stages agree, collect's markdown."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import yaml
+
+from datamodules.artifacts import ArtifactWriter
+from datamodules.code_index import INDEX_FILE, KIND
+from experiments import reproduce
+from experiments.tables import DATASETS, TABLES, build_table
+from lightning_modules.cli import build_cli
+from tests.conftest import CONFIGS, REPO, shared_dataset
+
+MODEL_DIRS = {"Llama-7B": "/models/llama-7b", "Llama-13B": "/models/llama-13b"}
+_PARSED: dict[tuple[str, ...], dict] = {}  # one parse per distinct stack: shared stages recur in every table
+
+
+def _table(number: int, dataset: str, **kwargs):
+    if number == 5 and dataset != "synthetic":  # C=1 reads the catalogue size from the data
+        shared_dataset(DATASETS[dataset].title)
+    llm_path = "/models/llama-7b" if dataset == "games" else None
+    return build_table(number, dataset, llm_path=llm_path, model_dirs=MODEL_DIRS if number == 6 else None, **kwargs)
+
+
+def _parse(stage, run_dir: str) -> dict:
+    """The resolved config of a lightning stage, with the arguments `semconv pipeline` adds."""
+    argv = [arg for config in stage.config for arg in ("--config", config)] + list(stage.args)
+    argv += ["--trainer.default_root_dir", f"{run_dir}/{stage.name}", "--trainer.logger.init_args.version", "0"]
+    if tuple(argv) not in _PARSED:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit_info:
+            build_cli([*argv, "--print_config"], run=False)
+        assert exit_info.value.code in (0, None), f"stage {stage.name}: {argv} does not parse"
+        _PARSED[tuple(argv)] = yaml.safe_load(printed.getvalue())
+    return _PARSED[tuple(argv)]
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+@pytest.mark.parametrize("number", TABLES)
+def test_every_stage_of_every_table_parses(number, dataset):
+    table = _table(number, dataset, steps=7)
+    artifacts = {stage.name: stage.artifact for stage in table.stages}
+    for stage in table.stages:
+        if stage.command == "python":
+            assert (REPO / stage.script).is_file()
+            continue
+        config = _parse(stage, table.run_dir)
+        callbacks = config["trainer"]["callbacks"]
+        if stage.artifact:  # the override reached the exporter (the last callback), so variants never share a dir
+            assert callbacks[-1]["class_path"].endswith("Exporter")
+            assert (
+                callbacks[-1]["init_args"]["output_dir"] == stage.artifact == f"{table.run_dir}/artifacts/{stage.name}"
+            )
+        data = config["data"]["init_args"]
+        if "--data.init_args.index" in stage.args:  # stage 3: on its codebook, within the step budget
+            assert data["index"] in artifacts.values() and data["index"].split("/")[-1].startswith("codebook")
+            assert config["trainer"]["max_steps"] == 7 and config["trainer"]["max_time"] is None
+        if stage.name.startswith("codebook"):
+            assert data["embeddings"] == artifacts["dccf"]
+    assert len({stage.name for stage in table.stages}) == len(table.stages)
+    assert all(row.stage is None or row.stage in artifacts for row in table.rows)
+
+
+def test_rows_train_what_the_paper_varies():
+    table = _table(3, "industrial")
+    stages = {stage.name: stage for stage in table.stages}
+    ed, no_la = (_parse(stages[name], table.run_dir) for name in ("codebook_rqvae", "codebook_no_la"))
+    assert ed["model"]["init_args"]["variant"] == "rqvae"
+    assert no_la["model"]["init_args"]["llm_alignment_weight"] == 0.0
+    assert _parse(stages["codebook"], table.run_dir)["model"]["init_args"]["llm_alignment_weight"] == 0.1
+    assert _parse(stages["llm_neg0"], table.run_dir)["data"]["init_args"]["negative_ratio"] == 0
+    assert [(row.label, row.stage) for row in table.rows] == [
+        ("ED", "llm_rqvae"),
+        ("w/o LA", "llm_no_la"),
+        ("w/o NS", "llm_neg0"),
+        ("Ours", "llm"),
+    ]
+    # on synthetic the shipped codebook already has no LLM alignment: w/o LA is the Ours stage, said in the note
+    synthetic = {row.label: row for row in _table(3, "synthetic").rows}
+    assert synthetic["w/o LA"].stage == "llm" and "no LLM alignment" in synthetic["w/o LA"].note
+
+    levels = _table(5, "synthetic")
+    stages = {stage.name: stage for stage in levels.stages}
+    one = _parse(stages["codebook_levels1"], levels.run_dir)["model"]["init_args"]
+    assert (one["num_levels"], one["codebook_size"]) == (1, 500)  # one code per synthetic item
+    assert [row.codebook for row in levels.rows] == [
+        "codebook_levels1",
+        "codebook_levels2",
+        "codebook_levels3",
+        "codebook",
+        "codebook_levels5",
+    ]
+    behaviour = _parse({s.name: s for s in _table(8, "industrial").stages}["llm_behaviour"], levels.run_dir)
+    assert (
+        behaviour["data"]["init_args"]["preset"] == "behaviour_only" and behaviour["data"]["init_args"]["tasks"] is None
+    )
+    main = {row.label: (row.stage, row.note) for row in _table(1, "industrial").rows}
+    assert main["most popular"] == ("most_popular", None) and main["P5"] == (None, "not run (issue 25)")
+    assert main["BERT4Rec"] == (None, "not run (no configs/industrial/bert4rec.yaml)")
+    scale = {s.name: s for s in _table(6, "synthetic").stages}["llm_scale_llama_13b"]
+    parsed = _parse(scale, levels.run_dir)
+    assert (
+        parsed["model"]["init_args"]["model_path"] == "/models/llama-13b" and parsed["trainer"]["accelerator"] == "gpu"
+    )
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_shared_stages_are_identical_across_tables(dataset):
+    seen: dict[str, object] = {}
+    for number in TABLES:
+        for stage in _table(number, dataset).stages:
+            assert seen.setdefault(stage.name, stage) == stage, f"{stage.name} differs in table {number}"
+    for number in (1, 3, 4, 5, 7, 8):  # the Ours stage and its codebook are the same stages everywhere
+        names = {stage.name for stage in _table(number, dataset).stages}
+        assert {"dccf", "codebook", "llm"} <= names
+
+
+def test_pipeline_file_follows_the_contract(tmp_path, monkeypatch):
+    table = _table(4, "industrial", steps=50)
+    path = reproduce.write_pipeline(table, tmp_path)
+    assert path == tmp_path / "runs/reproduce/industrial/table4.pipeline.yaml"
+    written = yaml.safe_load(path.read_text())
+    assert written["name"] == "reproduce_table4_industrial" and written["run_dir"] == "runs/reproduce/industrial"
+    assert [stage["name"] for stage in written["stages"]] == [s.name for s in table.stages]
+    assert written["stages"][0] == {
+        "name": "tiny_llama",
+        "command": "python",
+        "script": "experiments/make_tiny_llama.py",
+        "args": ["--out", "artifacts/industrial/tiny_llama"],
+        "inputs": ["artifacts/industrial/tiny_llama"],
+        "artifact": None,
+        "row": None,
+    }
+    neg0 = next(stage for stage in written["stages"] if stage["name"] == "llm_neg0")
+    assert neg0["config"] == ["configs/industrial/llm.yaml", "configs/tables/negative_ratio_0.yaml"]
+    assert neg0["inputs"][0] == "runs/reproduce/industrial/artifacts/codebook" and neg0["row"] == "negatives 1:0"
+    pipeline = pytest.importorskip("lightning_modules.pipeline")  # the real parser, once it is in this checkout
+    monkeypatch.chdir(REPO)
+    assert pipeline.load_pipeline(path).stage_names == tuple(s.name for s in table.stages)
+
+
+def _record(root, stage, metrics, wall=90.0, steps=50):
+    command = ["python", "-m", "lightning_modules.cli", "fit", "--trainer.max_steps", str(steps)]
+    record = {"key": "k", "status": "done", "command": command, "wall_s": wall, "metrics": metrics}
+    path = root / "runs/reproduce/synthetic/stages" / f"{stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def _index(root, stage, levels, size, raw, extra_codes=None):
+    codes = [[0] * levels + ([code] if extra_codes else []) for code in (extra_codes or [0])]
+    letters = "abcdef"
+    index = {str(i): [f"<{letters[level]}_{c}>" for level, c in enumerate(row)] for i, row in enumerate(codes)}
+    with ArtifactWriter(root / "runs/reproduce/synthetic/artifacts" / stage, KIND) as writer:
+        writer.write_json(INDEX_FILE, index)
+        tokens = levels + (1 if extra_codes else 0)
+        writer.commit(
+            {"num_levels": levels, "codebook_size": size, "tokens_per_item": tokens, "raw_collision_rate": raw}
+        )
+
+
+def _metrics(hr10):
+    return {"hr@1": 0.01, "hr@5": hr10 / 2, "hr@10": hr10, "ndcg@5": hr10 / 4, "ndcg@10": hr10 / 3}
+
+
+def test_collect_writes_the_numbers_the_records_hold(tmp_path):
+    run_dir = tmp_path / "runs/reproduce/synthetic"
+    for ratio, hr10 in ((0, 0.08), (1, 0.09), (3, 0.1)):
+        _record(tmp_path, "llm" if ratio == 3 else f"llm_neg{ratio}", _metrics(hr10))
+    (run_dir / "table4.results.json").write_text(json.dumps({"machine": {"cpus": 2, "gpus": [], "torch": "2.13.0"}}))
+    docs = tmp_path / "results.md"
+    docs.write_text(
+        "# Results\n\nkept\n\n<!-- reproduce:table4:synthetic -->\nold\n<!-- /reproduce:table4:synthetic -->\n"
+    )
+    table = build_table(4, "synthetic")
+    markdown = reproduce.collect(table, tmp_path, tmp_path / "figures", docs)
+    lines = markdown.splitlines()
+    assert lines[0] == "<!-- reproduce:table4:synthetic -->" and lines[-1] == "<!-- /reproduce:table4:synthetic -->"
+    assert "machine: 2 CPU cores (torch 2.13.0)" in markdown
+    assert "stage 3 capped at 50 optimiser steps per run (`--steps 50`)" in markdown
+    assert (
+        "| NSR | HR@5 | HR@10 | NDCG@5 | NDCG@10 | paper HR@5 | paper HR@10 | paper NDCG@5 | paper NDCG@10 |"
+        in markdown
+    )
+    assert (
+        "| 1:0 | 0.0400 | 0.0800 | 0.0200 | 0.0267 | 0.0791 | 0.1195 | 0.0548 | 0.0677 | `llm_neg0` | 1.5 min |"
+        in lines
+    )
+    assert "| 1:3 | 0.0500 | 0.1000 | 0.0250 | 0.0333 | 0.0858 | 0.1274 | 0.0591 | 0.0724 | `llm` | 1.5 min |" in lines
+    assert "| 1:2 | — | — | — | — | 0.0830 | 0.1256 | 0.0574 | 0.0711 | `llm_neg2` (pending) | — |" in lines
+    assert (run_dir / "table4.md").read_text() == markdown.replace("](figures/", "](../../../figures/")
+    figure = tmp_path / "figures" / "table4_synthetic.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+    document = docs.read_text()
+    assert document.startswith("# Results\n\nkept\n\n<!-- reproduce:table4:synthetic -->") and "\nold\n" not in document
+    assert "![Table 4: negative sampling ratio on synthetic](figures/table4_synthetic.png)" in document
+    reproduce.collect(build_table(8, "synthetic"), tmp_path, tmp_path / "figures", docs)  # appended after
+    document = docs.read_text()
+    assert document.index("/reproduce:table4:synthetic") < document.index("reproduce:table8:synthetic -->")
+    assert "| P5 | — | — | — | — | 0.0495 | 0.0789 | 0.0329 | 0.0423 | not run (issue 25) | — |" in document
+    assert "budget: stage 3 capped at 50 optimiser steps per run" in document  # the shared Ours stage ran so
+    shipped = reproduce.collect(build_table(3, "synthetic"), tmp_path / "fresh", tmp_path / "figures")
+    assert "budget: stage 3 as shipped (`configs/synthetic/llm.yaml`: max_epochs 3); stages 1-2 as shipped" in shipped
+
+
+def test_collect_reports_collision_rate_and_added_tokens(tmp_path):
+    _index(tmp_path, "codebook_levels1", 1, 500, 0.0)
+    _index(tmp_path, "codebook_levels2", 2, 32, 0.125, extra_codes=[0, 1, 2])  # 3 codes on an extra level
+    _record(tmp_path, "llm_levels2", _metrics(0.06), wall=30.0, steps=20)
+    markdown = reproduce.collect(build_table(5, "synthetic"), tmp_path, tmp_path / "figures")
+    lines = markdown.splitlines()
+    assert "| C | CR | T | HR@5 | HR@10 | NDCG@5 | NDCG@10 | paper CR | paper T | paper HR@5 |" in markdown
+    assert "| 1 | 0.00% | 500 | — | — | — | — | — | 16859 | 0.0700 | 0.1111 | 0.0470 | 0.0602 |" in markdown
+    expected = "| 2 | 12.50% | 67 | 0.0300 | 0.0600 | 0.0150 | 0.0200 | 10.80% | 512 | 0.0789 | 0.1198 | 0.0537 |"
+    assert any(line.startswith(expected) and line.endswith("| `llm_levels2` | 0.5 min |") for line in lines)
+    assert (tmp_path / "figures" / "table5_synthetic.png").stat().st_size > 10_000
+    assert "machine: unknown (no results.json" in markdown
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--table", "2", "--dataset", "industrial"],
+            "--table 2: not a table this script reproduces; choose one of 1,",
+        ),
+        (["--table", "x", "--dataset", "industrial"], "--table x: expected a table number"),
+        (
+            ["--table", "3", "--dataset", "beauty"],
+            "--dataset beauty: unknown; choose one of industrial, synthetic, games",
+        ),
+        (["--table", "3", "--dataset", "industrial", "--steps", "0"], "--steps 0: must be >= 1"),
+        (["--table", "6", "--dataset", "industrial", "--model-dir", "llama"], "--model-dir 'llama': expected NAME=DIR"),
+        (["--table", "6", "--dataset", "industrial", "--run"], "--table 6 trains one stage 3 per model"),
+        (["--table", "4", "--dataset", "games", "--run"], "pass --llm-path /path/to/llama-7b"),
+        (["--table", "3", "--dataset", "industrial", "--docs"], "--docs updates docs/results.md"),
+    ],
+)
+def test_bad_flags_give_one_clear_error(argv, message, capsys):
+    assert reproduce.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err and "Traceback" not in captured.err
+
+
+def test_model_scale_refuses_a_machine_without_gpu(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert reproduce.main(["--table", "6", "--dataset", "synthetic", "--run", "--model-dir", "Llama-7B=/m"]) == 2
+    assert "Table 6 (7B-13B LLMs) needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_every_stage_config_lists_its_exporter_last(dataset):
+    """`--trainer.callbacks.init_args.output_dir` sets the last callback listed: the exporter must be last."""
+    spec = DATASETS[dataset]
+    for path in (spec.dccf, spec.codebook, spec.llm[0]):
+        callbacks = yaml.safe_load((CONFIGS.parent / path).read_text())["trainer"]["callbacks"]
+        assert callbacks[-1]["class_path"].endswith("Exporter"), path
