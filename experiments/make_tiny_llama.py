@@ -1,7 +1,7 @@
 """Write a small, randomly initialised Llama with a real tokenizer as a local Hugging Face directory.
 
-The CPU end-to-end run (semconv pipeline --config configs/industrial/pipeline.yaml) uses it in two places so that both stages talk
-about the same LLM: stage 2 reads its input embedding matrix for the LLM alignment loss, stage 3
+The CPU end-to-end run (semconv pipeline --config configs/industrial/pipeline.yaml) uses it in two places so that
+both stages talk about the same LLM: stage 2 reads its input embedding matrix for the LLM alignment loss, stage 3
 fine-tunes it. On GPUs point both configs at a real checkpoint (e.g. Llama-7B) instead.
 
     python experiments/make_tiny_llama.py --out artifacts/industrial/tiny_llama

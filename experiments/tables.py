@@ -180,9 +180,9 @@ class StageBuilder:
         if self.dataset.tiny_llama is None or self.llm_path is not None:
             return ()
         out = self.dataset.tiny_llama
-        # its own output as input: a deleted directory changes the key and is rebuilt (the script keeps an existing one)
+        # its output is its artifact: a deleted or changed directory no longer matches the record and is rebuilt
         self._add(
-            Stage("tiny_llama", "python", args=("--out", out), inputs=(out,), script="experiments/make_tiny_llama.py")
+            Stage("tiny_llama", "python", args=("--out", out), artifact=out, script="experiments/make_tiny_llama.py")
         )
         return (out,)
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datamodules.artifacts import MANIFEST_NAME, atomic_write, atomic_write_json, sha256_file
+from datamodules.artifacts import atomic_write, atomic_write_json, sha256_file
 from datamodules.errors import ConfigError
 from lightning_modules.pipeline_spec import (
     METRICS,
@@ -146,10 +146,11 @@ class PipelineRunner:
         return digest.hexdigest()
 
     def artifact_hash(self, stage: Stage) -> str | None:
+        """The artifact's :func:`fingerprint` (its manifest's hash for a manifest-bearing artifact), None if absent."""
         if stage.artifact is None:
             return None
-        manifest = Path(stage.artifact) / MANIFEST_NAME
-        return sha256_file(manifest) if manifest.is_file() else None
+        found = fingerprint(stage.artifact)
+        return None if found == "missing" else found
 
     def test_metrics(self, stage: Stage) -> dict[str, float] | None:
         found = sorted(self.stage_dir(stage).rglob("test_metrics.json"), key=lambda p: p.stat().st_mtime)
@@ -231,8 +232,8 @@ class PipelineRunner:
         wall = time.perf_counter() - begin
         if stage.artifact is not None and self.artifact_hash(stage) is None:
             raise PipelineError(
-                f"stage {stage.name!r} finished but wrote no artifact at {stage.artifact} (no "
-                f"{MANIFEST_NAME}); check its exporter callback and {self.log_path(stage)}."
+                f"stage {stage.name!r} finished but wrote nothing at {stage.artifact}; check where its config "
+                f"writes its output (e.g. its exporter callback's output_dir) and {self.log_path(stage)}."
             )
         metrics = self.test_metrics(stage) if stage.row else None
         if stage.row and metrics is None:

@@ -138,21 +138,25 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
 
 
 def fingerprint(path: str | os.PathLike) -> str:
-    """What an input contributes to a stage's key: an artifact directory's manifest hash (it hashes every file),
-    a file's bytes (size and modification time above :data:`HASH_LIMIT`), or a plain directory's file listing."""
+    """What a path contributes to a stage's key: an artifact directory's manifest hash (the manifest hashes every
+    file), otherwise the bytes of the file or of every file under the directory (size and modification time for
+    files above :data:`HASH_LIMIT`), so a seeded stage that rewrites identical files changes nothing downstream."""
     path = Path(path)
     if (path / MANIFEST_NAME).is_file():
         return "manifest:" + sha256_file(path / MANIFEST_NAME)
     if path.is_file():
-        stat = path.stat()
-        return f"file:{stat.st_size}:{stat.st_mtime_ns}" if stat.st_size > HASH_LIMIT else "file:" + sha256_file(path)
+        return "file:" + _file_digest(path)
     if path.is_dir():
         digest = hashlib.sha256()
         for item in sorted(p for p in path.rglob("*") if p.is_file()):
-            stat = item.stat()
-            digest.update(f"{item.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{item.relative_to(path)}:{_file_digest(item)}\n".encode())
         return "dir:" + digest.hexdigest()
     return "missing"
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}" if stat.st_size > HASH_LIMIT else sha256_file(path)
 
 
 class PipelineError(SemConvError):

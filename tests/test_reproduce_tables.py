@@ -132,8 +132,8 @@ def test_pipeline_file_follows_the_contract(tmp_path, monkeypatch):
         "command": "python",
         "script": "experiments/make_tiny_llama.py",
         "args": ["--out", "artifacts/industrial/tiny_llama"],
-        "inputs": ["artifacts/industrial/tiny_llama"],
-        "artifact": None,
+        "inputs": [],
+        "artifact": "artifacts/industrial/tiny_llama",
         "row": None,
     }
     neg0 = next(stage for stage in written["stages"] if stage["name"] == "llm_neg0")
