@@ -233,7 +233,7 @@ def test_the_synthetic_pipeline_runs_the_method_and_beats_most_popular(tmp_path,
     """The README's first command, in a scratch directory: every stage runs, the cache is built, and the generative
     row beats most popular (its wall time is in results.md; the bar is 10 minutes on 2 cores)."""
     shutil.copytree(CONFIGS, tmp_path / "configs")
-    (tmp_path / "lightning_modules").symlink_to(REPO / "lightning_modules")  # the tokenizer stage's script
+    (tmp_path / "experiments").symlink_to(REPO / "experiments")  # the tokenizer stage's script
     monkeypatch.chdir(tmp_path)
     main(["pipeline", "--config", "configs/synthetic/pipeline.yaml"])
     results = json.loads(Path("runs/synthetic/pipeline/results.json").read_text())

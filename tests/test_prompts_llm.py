@@ -94,8 +94,16 @@ def full_model(tokenizer: Path, **model_args) -> GenerativeRecommender:
 
 
 def llm_run_args(data_dir: Path, root: Path, tokenizer: Path, *extra: str) -> list[str]:
-    """CLI arguments for a tiny run of configs/synthetic/llm.yaml with the tokenizer at ``tokenizer``."""
-    return tiny_run_args("synthetic/llm.yaml", data_dir, root, f"--model.init_args.tokenizer_path={tokenizer}", *extra)
+    """CLI arguments for a tiny run of configs/synthetic/llm.yaml with the tokenizer at ``tokenizer`` (the test, like
+    validation, on the ``eval_max_users`` subset)."""
+    return tiny_run_args(
+        "synthetic/llm.yaml",
+        data_dir,
+        root,
+        f"--model.init_args.tokenizer_path={tokenizer}",
+        "--data.init_args.test_all_users=false",
+        *extra,
+    )
 
 
 def _prompt_dm(synthetic_dir: Path, directory: Path, tokenizer: Path) -> PromptDataModule:
@@ -626,6 +634,7 @@ def test_lora_trains_only_adapters_and_code_rows(synthetic_dir, tiny_tokenizer, 
                 "--model.init_args.tokenizer_path=null",
                 "--model.init_args.lora=true",
                 "--model.init_args.full_finetune=false",
+                "--model.init_args.code_softmax=vocabulary",  # the trie softmax reads the LM head's rows directly
                 "--model.init_args.lr=0.05",
                 "--trainer.max_epochs=1",
                 "--trainer.limit_train_batches=3",

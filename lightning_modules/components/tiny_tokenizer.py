@@ -2,14 +2,11 @@
 
 The synthetic pipeline and the tests use it where a real LLM's tokenizer (e.g. ``../shared/tokenizers/llama2``) may
 be absent: a model trained from scratch needs no particular vocabulary, and ~1k tokens instead of Llama-2's 32k make
-the LM head and embeddings 30x smaller.
-
-    python -m lightning_modules.components.tiny_tokenizer --out artifacts/synthetic/tokenizer
+the LM head and embeddings 30x smaller. ``experiments/make_tiny_tokenizer.py`` saves one from the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 TINY_TOKENIZER_TEXT = (
@@ -54,14 +51,3 @@ def write_tiny_tokenizer(directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory to save the tokenizer into")
-    directory = write_tiny_tokenizer(parser.parse_args(argv).out)
-    print(f"wrote {directory}")
-
-
-if __name__ == "__main__":
-    main()
