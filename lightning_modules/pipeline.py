@@ -207,8 +207,8 @@ class PipelineRunner:
         label = f"[pipeline] {position}/{len(self.pipeline.stages)} {stage.name}"
         key, record = self.key(stage), self.read_record(stage)
         if self.up_to_date(stage, key, record):
-            what = f"artifact {stage.artifact}" if stage.artifact else "test metrics"
-            print(f"{label}: skipped, its {what} already match its inputs and config", flush=True)
+            what = f"its artifact {stage.artifact}" if stage.artifact else "its last run"
+            print(f"{label}: skipped, {what} still matches its inputs and config", flush=True)
             return {**record, "skipped": True}
         resume_from = None
         if (
