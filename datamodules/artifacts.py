@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from typing import Self
 
 MANIFEST_NAME = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
@@ -44,6 +46,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; the file gets what open() would have given it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
