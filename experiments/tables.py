@@ -19,6 +19,7 @@ import yaml
 
 from datamodules.errors import ConfigError
 from experiments.paper_numbers import FOUR, FULL, PAPER
+from lightning_modules.pipeline_spec import Stage
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = (1, 3, 4, 5, 6, 7, 8)
@@ -71,30 +72,6 @@ DATASETS = {
     "synthetic": DatasetSpec("synthetic", "synthetic", ("configs/synthetic/llm.yaml",)),
     "games": DatasetSpec("games", "Games", ("configs/llm/lora_7b.yaml", "configs/trainer/gpu.yaml"), llm_gpu=True),
 }
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of a pipeline file (fields as in the ``semconv pipeline`` contract)."""
-
-    name: str
-    command: str
-    config: tuple[str, ...] = ()
-    args: tuple[str, ...] = ()
-    inputs: tuple[str, ...] = ()
-    artifact: str | None = None
-    row: str | None = None
-    script: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The stage as a pipeline-file entry."""
-        entry: dict[str, Any] = {"name": self.name, "command": self.command}
-        if self.script:
-            entry["script"] = self.script
-        if self.config:
-            entry["config"] = list(self.config)
-        entry.update(args=list(self.args), inputs=list(self.inputs), artifact=self.artifact, row=self.row)
-        return entry
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,20 @@ class Stage:
     command: str
     config: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
-    script: str | None = None
     inputs: tuple[str, ...] = ()
     artifact: str | None = None
     row: str | None = None
+    script: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stage as a pipeline-file entry (what :func:`load_pipeline` reads back)."""
+        entry: dict[str, Any] = {"name": self.name, "command": self.command}
+        if self.script:
+            entry["script"] = self.script
+        if self.config:
+            entry["config"] = list(self.config)
+        entry.update(args=list(self.args), inputs=list(self.inputs), artifact=self.artifact, row=self.row)
+        return entry
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ def _metrics(hr10):
 def test_collect_writes_the_numbers_the_records_hold(tmp_path):
     run_dir = tmp_path / "runs/reproduce/synthetic"
     for ratio, hr10 in ((0, 0.08), (1, 0.09), (3, 0.1)):
-        _record(tmp_path, "llm" if ratio == 3 else f"llm_neg{ratio}", _metrics(hr10))
+        # configs/synthetic/llm.yaml ships 1:1, so that row is the shared "llm" stage
+        _record(tmp_path, "llm" if ratio == 1 else f"llm_neg{ratio}", _metrics(hr10))
     (run_dir / "table4.results.json").write_text(json.dumps({"machine": {"cpus": 2, "gpus": [], "torch": "2.13.0"}}))
     docs = tmp_path / "results.md"
     docs.write_text(
@@ -191,7 +192,10 @@ def test_collect_writes_the_numbers_the_records_hold(tmp_path):
         "| 1:0 | 0.0400 | 0.0800 | 0.0200 | 0.0267 | 0.0791 | 0.1195 | 0.0548 | 0.0677 | `llm_neg0` | 1.5 min |"
         in lines
     )
-    assert "| 1:3 | 0.0500 | 0.1000 | 0.0250 | 0.0333 | 0.0858 | 0.1274 | 0.0591 | 0.0724 | `llm` | 1.5 min |" in lines
+    assert (
+        "| 1:3 | 0.0500 | 0.1000 | 0.0250 | 0.0333 | 0.0858 | 0.1274 | 0.0591 | 0.0724 | `llm_neg3` | 1.5 min |"
+        in lines
+    )
     assert "| 1:2 | — | — | — | — | 0.0830 | 0.1256 | 0.0574 | 0.0711 | `llm_neg2` (pending) | — |" in lines
     assert (run_dir / "table4.md").read_text() == markdown.replace("](figures/", "](../../../figures/")
     figure = tmp_path / "figures" / "table4_synthetic.png"
@@ -205,7 +209,7 @@ def test_collect_writes_the_numbers_the_records_hold(tmp_path):
     assert "| P5 | — | — | — | — | 0.0495 | 0.0789 | 0.0329 | 0.0423 | not run (issue 25) | — |" in document
     assert "budget: stage 3 capped at 50 optimiser steps per run" in document  # the shared Ours stage ran so
     shipped = reproduce.collect(build_table(3, "synthetic"), tmp_path / "fresh", tmp_path / "figures")
-    assert "budget: stage 3 as shipped (`configs/synthetic/llm.yaml`: max_epochs 3); stages 1-2 as shipped" in shipped
+    assert "budget: stage 3 as shipped (`configs/synthetic/llm.yaml`: max_epochs 6); stages 1-2 as shipped" in shipped
 
 
 def test_collect_reports_collision_rate_and_added_tokens(tmp_path):
