@@ -124,6 +124,10 @@ def test_readers_during_a_publish_see_one_whole_version(store_url):
     try:
         for n in range(1, 6):
             offsets[publish_version(store, USERS, offset=1000 * n)] = 1000 * n
+            # let the reader read after each publish (a busy machine may not schedule it otherwise)
+            wanted, deadline = len(seen) + 3, time.monotonic() + 30
+            while len(seen) < wanted and thread.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.001)
     finally:
         stop.set()
         thread.join(timeout=30)
