@@ -138,6 +138,7 @@ def codebook_run(synthetic_dir, tmp_path_factory):
     datamodule = ItemDataModule(
         data_dir=str(synthetic_dir), dataset="Synthetic", source="lcrec", embeddings=str(root / "embeddings.pt")
     )
+    L.seed_everything(0)  # the same codebook whichever tests ran before (cold start below needs its codes in use)
     model = AlignmentTokenizer(num_levels=3, codebook_size=8)
     trainer = L.Trainer(
         max_epochs=1,
