@@ -65,7 +65,8 @@ class RecDataModule(L.LightningDataModule):
             or, for ``source: synthetic``, where the synthetic dataset is written.
         dataset: dataset name (``<Name>`` / ``<Category>``); inferred when the directory holds exactly one.
         source: ``auto`` detects LC-Rec, raw Amazon 2018 or 2023 files; ``synthetic`` generates the embedded default.
-        processed_dir: where raw Amazon files are converted to LC-Rec format (default ``<data_dir>/lcrec``).
+        processed_dir: where raw Amazon files are converted to LC-Rec format (default ``<data_dir>/lcrec/<Category>``:
+            one directory per category, so categories downloaded side by side do not overwrite each other).
         synthetic: shape of the synthetic dataset (``source: synthetic`` only).
         max_history: history cap of every sample (20 as in LC-Rec).
         batch_size: training batch size.
@@ -99,7 +100,7 @@ class RecDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.dataset = dataset
         self.source = source
-        self.processed_dir = Path(processed_dir) if processed_dir else self.data_dir / "lcrec"
+        self.processed_dir = Path(processed_dir) if processed_dir else None
         self.synthetic = synthetic or SyntheticSpec()
         self.max_history = max_history
         self.batch_size = batch_size
@@ -132,7 +133,7 @@ class RecDataModule(L.LightningDataModule):
             from datamodules.amazon_raw import find_raw_files
 
             category = find_raw_files(self.data_dir, self.dataset).category
-            return self.processed_dir, category, "amazon_raw"
+            return self._converted_dir(category), category, "amazon_raw"
         if self.source == "amazon_raw":
             from datamodules.amazon_raw import find_raw_files
 
@@ -142,13 +143,16 @@ class RecDataModule(L.LightningDataModule):
 
             raw = find_amazon2023_files(self.data_dir, self.dataset, required=self.source == "amazon2023")
             if raw is not None:
-                return self.processed_dir, raw.category, "amazon2023"
+                return self._converted_dir(raw.category), raw.category, "amazon2023"
         raise DataFormatError(
             f"data_dir {self.data_dir} holds neither an LC-Rec dataset (<Name>.inter.json) nor raw Amazon 2018 files "
             "(<Category>.json[.gz] or <Category>_5.json[.gz] with meta_<Category>.json[.gz]) nor Amazon 2023 files "
             "(<Category>.jsonl[.gz] with meta_<Category>.jsonl[.gz]). Point "
             "`data.init_args.data_dir` at one of those, or set `data.init_args.source: synthetic`."
         )
+
+    def _converted_dir(self, category: str) -> Path:
+        return self.processed_dir if self.processed_dir is not None else self.data_dir / "lcrec" / category
 
     def prepare_data(self) -> None:
         """Rank-0 work: generate the synthetic dataset or convert raw Amazon (2018 or 2023) files, once, atomically."""

@@ -354,7 +354,7 @@ def test_sequence_datamodule_converts_a_2023_directory(raw_dir: Path) -> None:
     dm = SequenceDataModule(data_dir=str(raw_dir))
     dm.setup("fit")
     assert (dm.catalogue.num_users, dm.catalogue.num_items) == (5, 5)
-    assert read_manifest(raw_dir / "lcrec")["converter"].startswith("amazon2023/")
+    assert read_manifest(raw_dir / "lcrec" / "Beauty")["converter"].startswith("amazon2023/")
 
 
 def test_datamodule_source_amazon2023_names_the_missing_meta_file(tmp_path: Path) -> None:

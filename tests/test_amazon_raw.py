@@ -251,4 +251,4 @@ def test_sequence_datamodule_converts_raw_directory(raw_dir: Path) -> None:
     dm.setup("fit")
     assert dm.catalogue.num_users == 5
     assert dm.catalogue.num_items == 5
-    assert read_manifest(raw_dir / "lcrec")["category"] == "Beauty"
+    assert read_manifest(raw_dir / "lcrec" / "Beauty")["category"] == "Beauty"  # one directory per category

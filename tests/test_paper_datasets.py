@@ -72,8 +72,8 @@ def test_stages_read_one_conversion_and_chain_their_artifacts(dataset):
     for stage, config in configs.items():
         args = config["data"]["init_args"]
         assert (args["data_dir"], args["dataset"]) == ("data/raw", CATEGORIES[dataset]), stage
-        # one converted directory per dataset: a shared one (the default data/raw/lcrec) would hold one manifest
-        # for both categories, and each would reconvert every time the other had run
+        # one converted directory per dataset, beside its other artifacts (one shared directory would hold one
+        # manifest for both categories, and each would reconvert every time the other had run)
         assert args["processed_dir"] == f"artifacts/{dataset}/lcrec", stage
     dccf, codebook, llm = configs["dccf"], configs["codebook"], configs["llm"]
     embeddings = callback_args(dccf, "ItemEmbeddingExporter")["output_dir"]
