@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +70,10 @@ class Pipeline:
     run_dir: Path
     stages: tuple[Stage, ...]
     source: str = ""
-    stage_names: tuple[str, ...] = field(init=False, default=())
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stage_names", tuple(stage.name for stage in self.stages))
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(stage.name for stage in self.stages)
 
 
 def _strings(value: Any, where: str) -> tuple[str, ...]:
