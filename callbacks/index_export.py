@@ -11,88 +11,119 @@ The artifact directory (kind ``code_index``, written whole by :class:`datamodule
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
+from callbacks.cold_start import assign_codes, code_against
 from callbacks.collisions import gather_codes
 from datamodules.artifacts import ArtifactWriter, read_artifact
-from datamodules.code_index import (
-    CODE_VECTORS_FILE,
-    CODEBOOK_FILE,
-    INDEX_FILE,
-    KIND,
-    codes_to_tokens,
-    collision_rate,
-    index_json,
-    shared_mask,
-    tokens_to_codes,
-)
-from datamodules.items import check_embeddings, read_matrix
-from lightning_modules.components.code_assignment import last_level_costs, make_unique, pair_costs
-from lightning_modules.components.quantizer import build_quantizer
+from datamodules.code_index import CODE_VECTORS_FILE, CODEBOOK_FILE, INDEX_FILE, KIND, collision_rate, index_json
+from datamodules.llm_embeddings import model_fingerprint
+from lightning_modules.components.code_assignment import make_unique
+from lightning_modules.components.quantizer import Quantized
 
 log = logging.getLogger(__name__)
 
 RATES = ("raw_collision_rate", "final_collision_rate")
 
 
-def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
-    """Code every catalogue item, resolve collisions and write the index artifact. Returns the manifest."""
-    out = pl_module.encode_items(datamodule.item_embeddings)
-    has_text = datamodule.has_text
-    cost = pl_module.last_level_cost(out, datamodule.llm_embeddings, has_text)
-    quantizer = pl_module.quantizer
-    resolution = make_unique(out.codes, cost, quantizer.codebook_size)
-    catalogue = datamodule.catalogue
-    state = {
+def _take(out: Quantized, rows: torch.Tensor) -> Quantized:
+    return Quantized(*(getattr(out, name)[rows] for name in ("codes", "inputs", "chosen", "quantized", "latent")))
+
+
+def codebook_state(pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
+    """What ``codebook.pt`` holds: the quantiser, the LLM cost terms and the text grounding (cold start needs all)."""
+    quantizer, grounding = pl_module.quantizer, getattr(datamodule, "grounding", None)
+    return {
         "quantizer_config": quantizer.config(),
         "quantizer_state": {name: value.detach().cpu() for name, value in quantizer.state_dict().items()},
         "llm_projection": None if pl_module.llm_projection is None else pl_module.llm_projection.weight.detach().cpu(),
         "llm_mean": None if pl_module.llm_projection is None else pl_module.llm_mean.detach().cpu(),
         "behaviour_weight": float(pl_module.hparams.behaviour_weight),
         "llm_alignment_weight": float(pl_module.hparams.llm_alignment_weight),
+        "text_grounding": None if grounding is None else grounding.state_dict(),
     }
+
+
+def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
+    """Code every catalogue item, resolve collisions and write the index artifact. Returns the manifest.
+
+    Held-out items (the cold-start protocol's ``cold_items``) are coded after the trained ones, by cold start:
+    the trained items' tuples are resolved among themselves first and never move for them.
+    """
+    out = pl_module.encode_items(datamodule.item_embeddings)
+    has_text, llm = datamodule.has_text, datamodule.llm_embeddings
+    held_out = getattr(datamodule, "held_out", torch.zeros(len(out.codes), dtype=torch.bool))
+    trained, cold = torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
+    quantizer, catalogue = pl_module.quantizer, datamodule.catalogue
+    cost = pl_module.last_level_cost(_take(out, trained), llm[trained], has_text[trained])
+    resolution = make_unique(out.codes[trained], cost, quantizer.codebook_size)
+    state = codebook_state(pl_module, datamodule)
+    codes = torch.zeros(len(out.codes), resolution.codes.shape[1], dtype=torch.long)
+    codes[trained] = resolution.codes
+    cold_records = []
+    if len(cold):
+        text_llm = llm[cold] if llm.shape[1] else None
+        cold_codes, cold_rate, moved = code_against(
+            resolution.codes, _take(out, cold), out.codes[cold], quantizer.cpu(), state, text_llm
+        )
+        codes[cold] = cold_codes
+        source = "text" if getattr(datamodule, "grounding", None) is not None else "behaviour"
+        cold_records.append(
+            {"items": cold.tolist(), "count": len(cold), "input": source, "source": "cold_items"}
+            | {"raw_collision_rate": cold_rate, "reassigned_items": moved}
+        )
+    grounding = getattr(datamodule, "grounding", None)
     with ArtifactWriter(output_dir, KIND) as writer:
         writer.save_torch(CODEBOOK_FILE, state)
         writer.save_torch(CODE_VECTORS_FILE, quantizer.codebooks.detach().cpu().float().contiguous())
-        writer.write_json(INDEX_FILE, index_json(resolution.codes), indent=None)
+        writer.write_json(INDEX_FILE, index_json(codes), indent=None)
         manifest = writer.commit(
             {
                 "dataset": catalogue.fingerprint(),
                 "num_items": catalogue.num_items,
                 "num_levels": quantizer.num_levels,
                 "codebook_size": quantizer.codebook_size,
-                "tokens_per_item": int(resolution.codes.shape[1]),
+                "tokens_per_item": int(codes.shape[1]),
                 "code_vectors": CODE_VECTORS_FILE,
                 "distance": quantizer.distance,
                 "variant": quantizer.config()["variant"],
                 "raw_collision_rate": resolution.raw_collision_rate,
-                "final_collision_rate": resolution.final_collision_rate,
+                "final_collision_rate": collision_rate(codes),
                 "reassigned_items": resolution.reassigned,
                 "extra_level_items": resolution.extra_level,
                 "items_with_text": int(has_text.sum()),
+                "text_grounding": None
+                if grounding is None
+                else {
+                    **asdict(grounding.spec),
+                    "text_dim": grounding.text_dim,
+                    "fingerprint": grounding.fingerprint(),
+                    "llm_fingerprint": grounding.llm_fingerprint,
+                },
                 "config": dict(pl_module.hparams),
                 "embeddings": getattr(datamodule, "embedding_source", {}),
                 "llm_path": getattr(datamodule, "llm_path", None),
-                "cold_start": [],
+                "cold_start": cold_records,
             }
         )
     log.info(
-        "index of %d items written to %s: raw collision rate %.4f%%, %d re-assigned, %d on an extra level, final "
-        "%.1f%%",
+        "index of %d items written to %s: raw collision rate %.4f%% (%d trained items), %d re-assigned, %d on an extra "
+        "level, %d held-out items coded by cold start, final %.1f%%",
         catalogue.num_items,
         output_dir,
         100 * resolution.raw_collision_rate,
+        len(trained),
         resolution.reassigned,
         resolution.extra_level,
-        100 * resolution.final_collision_rate,
+        len(cold),
+        100 * manifest["final_collision_rate"],
     )
     return manifest
 
@@ -101,123 +132,6 @@ def load_code_index(codebook_dir: str | Path) -> dict[str, list[str]]:
     """``index.json`` of a verified ``code_index`` artifact (kind and file hashes checked)."""
     artifact = read_artifact(codebook_dir, KIND)
     return json.loads(artifact.file(INDEX_FILE).read_text(encoding="utf-8"))
-
-
-def assign_codes(
-    codebook_dir: str | Path,
-    embeddings: torch.Tensor | np.ndarray | str | Path,
-    llm_embeddings: torch.Tensor | np.ndarray | None = None,
-    output_dir: str | Path | None = None,
-    raw_codes: torch.Tensor | None = None,
-) -> dict[str, list[str]]:
-    """Give new items codes from their behaviour embeddings, unique against the existing index, no retraining.
-
-    New items get ids ``N .. N + M - 1`` after the ``N`` indexed ones. Each takes its nearest codes; a new item
-    whose tuple is taken (by an existing item or a closer new one) is moved to a free last-level code of its
-    prefix, exactly as at export. Existing items never change. The extended ``index.json`` and an updated
-    manifest (``num_items``, a ``cold_start`` record) are written as a new complete artifact to ``output_dir``
-    (default: in place, replacing the old artifact whole once the new one is written).
-
-    Args:
-        codebook_dir: a ``CodeIndexExporter`` directory.
-        embeddings: ``[M, dim]`` behaviour embeddings of the new items (tensor, array or .pt/.npy path).
-        llm_embeddings: optional ``[M, D]`` LLM embeddings (zero rows: no text); when the codebook was trained
-            with LLM alignment they join the cost of re-assigning colliding items, as in training.
-        output_dir: where to write the extended export (default: ``codebook_dir``).
-        raw_codes: the new items' nearest codes if already computed (``lightning predict``).
-
-    Returns:
-        The extended index ``{"<item_idx>": [tokens]}`` (existing and new items).
-    """
-    directory, out_dir = Path(codebook_dir), Path(output_dir or codebook_dir)
-    artifact = read_artifact(directory, KIND)
-    manifest = dict(artifact.manifest)
-    index = json.loads(artifact.file(INDEX_FILE).read_text(encoding="utf-8"))
-    state = torch.load(artifact.file(CODEBOOK_FILE), map_location="cpu", weights_only=True)
-    quantizer = build_quantizer(**state["quantizer_config"])
-    quantizer.load_state_dict(state["quantizer_state"])
-    quantizer.eval()
-    if isinstance(embeddings, (str, Path)):
-        embeddings = read_matrix(Path(embeddings))
-    embeddings = check_embeddings(torch.as_tensor(embeddings), None, "new item embeddings")
-    expected_dim = state["quantizer_config"]["dim"]
-    if embeddings.shape[1] != expected_dim:
-        raise ValueError(
-            f"new item embeddings have dim {embeddings.shape[1]}, the codebook was trained on dim {expected_dim}"
-        )
-    digest = hashlib.sha256(embeddings.numpy().tobytes()).hexdigest()
-    for record in manifest.get("cold_start", []):
-        if record["embeddings_sha256"] == digest:
-            raise ValueError(
-                f"these embeddings were already added as items {record['first_item']}..{record['last_item']} of "
-                f"{directory}"
-            )
-    items, existing = tokens_to_codes(index)
-    n, m, levels = len(items), embeddings.shape[0], quantizer.num_levels
-    if not torch.equal(items, torch.arange(n)):
-        raise ValueError(f"{directory / 'index.json'}: item ids must be 0..{n - 1}")
-    with torch.no_grad():
-        new = quantizer(embeddings)
-    if raw_codes is not None and not torch.equal(raw_codes.cpu(), new.codes):
-        raise ValueError(
-            "predicted codes differ from the exported codebook's: predict with the checkpoint that was exported"
-        )
-    use_llm = llm_embeddings is not None and state["llm_projection"] is not None
-    llm = torch.as_tensor(llm_embeddings).float() if use_llm else None
-    new_cost = last_level_costs(
-        new,
-        quantizer.codebooks[-1].detach(),
-        quantizer.distance,
-        state["behaviour_weight"],
-        projection=state["llm_projection"] if use_llm else None,
-        llm_target=(llm - state["llm_mean"]) if use_llm else None,
-        has_text=(llm.abs().sum(1) > 0) if use_llm else None,
-        llm_weight=state["llm_alignment_weight"],
-    )
-    codes = torch.cat([existing[:, :levels], new.codes])
-    fixed = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(m, dtype=torch.bool)])
-    fixed_extra = (
-        torch.cat([existing[:, levels], torch.zeros(m, dtype=torch.long)]) if existing.shape[1] > levels else None
-    )
-    raw_rate = float(shared_mask(codes)[n:].float().mean()) if m else 0.0
-    pair_cost = pair_costs(new, quantizer.codebooks[-2:].detach(), quantizer.distance) if levels >= 2 else None
-    resolution = make_unique(
-        codes,
-        lambda rows: new_cost(rows - n),
-        quantizer.codebook_size,
-        fixed,
-        fixed_extra,
-        pair_cost=(lambda rows: pair_cost(rows - n)) if pair_cost else None,
-    )
-    extended = dict(index)
-    extended.update({str(n + row): tokens for row, tokens in enumerate(codes_to_tokens(resolution.codes[n:]))})
-    manifest.pop("files")
-    manifest["num_items"] = n + m
-    manifest["final_collision_rate"] = collision_rate(resolution.codes)
-    manifest["cold_start"] = [
-        *manifest.get("cold_start", []),
-        {
-            "first_item": n,
-            "last_item": n + m - 1,
-            "count": m,
-            "embeddings_sha256": digest,
-            "raw_collision_rate": raw_rate,
-            "reassigned_items": resolution.reassigned,
-        },
-    ]
-    with ArtifactWriter(out_dir, KIND) as writer:  # a new complete artifact, swapped in whole (also in place)
-        writer.copy(CODEBOOK_FILE, artifact.file(CODEBOOK_FILE))
-        writer.copy(CODE_VECTORS_FILE, artifact.file(CODE_VECTORS_FILE))
-        writer.write_json(INDEX_FILE, extended, indent=None)
-        writer.commit(manifest)
-    log.info(
-        "cold start: %d new items coded into %s (%.2f%% collided raw, %d re-assigned)",
-        m,
-        out_dir,
-        100 * raw_rate,
-        resolution.reassigned,
-    )
-    return extended
 
 
 class CodeIndexExporter(L.Callback):
@@ -268,8 +182,17 @@ class CodeIndexExporter(L.Callback):
         codes = torch.cat([batch["codes"] for batch in self._predictions])
         items, codes = gather_codes(pl_module, items, codes)
         if trainer.global_rank == 0:
-            codes = codes[torch.argsort(items)]
+            new = datamodule.cold_start
             self.extended = assign_codes(
-                self.output_dir, datamodule.cold_start, output_dir=self.predict_output_dir, raw_codes=codes
+                self.output_dir,
+                embeddings=new.embeddings,
+                texts=new.texts if new.text_features is None else None,
+                text_features=new.text_features,
+                output_dir=self.predict_output_dir,
+                # codes from text are recomputed from the export's stored grounding (the authority); behaviour-only
+                # inputs must give the codes the checkpoint predicted
+                raw_codes=codes[torch.argsort(items)] if new.texts is None else None,
+                first_id=new.first_id,
+                text_model=None if new.text_features is None else model_fingerprint(datamodule.llm_path),
             )
         trainer.strategy.barrier("cold_start_export")

@@ -42,7 +42,7 @@ class KMeansInit(L.Callback):
     def _points(self, trainer: L.Trainer, batch: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, str]:
         if self.num_samples is None and len(batch["embedding"]) >= k:
             return batch["embedding"], f"the first batch ({len(batch['embedding'])} items)"
-        embeddings = getattr(trainer.datamodule, "item_embeddings", None)
+        embeddings = getattr(trainer.datamodule, "training_embeddings", None)
         if embeddings is None:
             raise RuntimeError(
                 f"KMeansInit needs {k} points: the first batch has {len(batch['embedding'])} and there is no "

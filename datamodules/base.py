@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.catalogue import Catalogue, DataFormatError, find_lcrec_name, lcrec_paths, load_lcrec
+from datamodules.cold_items import cold_items_of, hold_out_items, read_cold_items
 from datamodules.errors import require
 from datamodules.split import LeaveLastOutSplit
 from datamodules.synthetic import SyntheticSpec, write_synthetic
@@ -73,6 +74,8 @@ class RecDataModule(L.LightningDataModule):
         eval_batch_size: validation/test batch size.
         num_workers: DataLoader workers.
         seed: seed for anything the view samples (negatives, shuffling is Lightning's).
+        cold_items: JSON file of item ids held out of every fit (the cold-start protocol,
+            :mod:`datamodules.cold_items`): they stay only as test targets and are coded by cold start.
     """
 
     #: Whether the view needs the leave-last-out split (the items view of the tokenizer stage does not).
@@ -90,6 +93,7 @@ class RecDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 42,
+        cold_items: str | None = None,
     ) -> None:
         super().__init__()
         require(max_history >= 1, "data.init_args.max_history", ">= 1", max_history)
@@ -107,6 +111,7 @@ class RecDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.cold_items = cold_items
         self.catalogue: Catalogue | None = None
         self.split: LeaveLastOutSplit | None = None
 
@@ -177,7 +182,18 @@ class RecDataModule(L.LightningDataModule):
             # Trainer already ran prepare_data on rank 0 behind a barrier; other ranks must not write concurrently.
             if single_process or not lcrec_paths(directory, name)["inter"].is_file():
                 self.prepare_data()
-        return load_lcrec(directory, name)
+        catalogue = load_lcrec(directory, name)
+        if self.cold_items is None:
+            return catalogue
+        held_out = hold_out_items(catalogue, read_cold_items(self.cold_items, catalogue.num_items))
+        log.info(
+            "%s: %d items held out of training (%s); %d users left with < 3 items dropped",
+            catalogue.name,
+            len(cold_items_of(held_out)),
+            self.cold_items,
+            held_out.extras["cold_dropped_users"],
+        )
+        return held_out
 
     def setup(self, stage: str | None = None) -> None:
         if self.catalogue is None:

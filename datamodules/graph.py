@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.base import Source, _identity_collate
+from datamodules.cold_items import allowed_items
 from datamodules.errors import require
 from datamodules.negatives import interaction_keys, sample_negatives
 from datamodules.sequence import SequenceDataModule
@@ -52,8 +53,16 @@ class TrainTriples(Dataset):
     Batches: ``user`` ``[B]``, ``target`` ``[B]`` (the positive item), ``negative`` ``[B, num_negatives]``.
     """
 
-    def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int, num_negatives: int, seed: int) -> None:
-        self.users, self.items = users, items
+    def __init__(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        num_items: int,
+        num_negatives: int,
+        seed: int,
+        allowed: np.ndarray | None = None,
+    ) -> None:
+        self.users, self.items, self.allowed = users, items, allowed
         self.keys = interaction_keys(users, items, num_items)  # excluded from the negatives
         self.num_items, self.num_negatives, self.seed = num_items, num_negatives, seed
         self._epoch, self._negatives = -1, None
@@ -66,7 +75,7 @@ class TrainTriples(Dataset):
         if epoch != self._epoch:
             rng = np.random.default_rng(self.seed + epoch)
             owners = np.repeat(self.users, self.num_negatives)
-            negatives = sample_negatives(self.keys, owners, self.num_items, rng)
+            negatives = sample_negatives(self.keys, owners, self.num_items, rng, allowed=self.allowed)
             self._negatives = negatives.reshape(len(self.users), self.num_negatives)
             self._epoch = epoch
         return self._negatives
@@ -122,6 +131,7 @@ class GraphDataModule(SequenceDataModule):
         eval_batch_size: validation/test users per batch.
         num_workers: DataLoader workers.
         seed: seed of the negatives and of the shuffling (epoch ``e`` uses ``seed + e``).
+        cold_items: items held out of every fit (see :class:`datamodules.base.RecDataModule`).
         num_negatives: negatives per positive.
     """
 
@@ -137,6 +147,7 @@ class GraphDataModule(SequenceDataModule):
         eval_batch_size: int = 1024,
         num_workers: int = 0,
         seed: int = 42,
+        cold_items: str | None = None,
         num_negatives: int = 1,
     ) -> None:
         super().__init__(
@@ -150,6 +161,7 @@ class GraphDataModule(SequenceDataModule):
             eval_batch_size,
             num_workers,
             seed,
+            cold_items=cold_items,
         )
         require(num_negatives >= 1, "data.init_args.num_negatives", ">= 1", num_negatives)
         self.num_negatives = num_negatives
@@ -160,7 +172,12 @@ class GraphDataModule(SequenceDataModule):
         if self.adjacency is None:
             self._build_graph()
         self.datasets["train"] = TrainTriples(
-            self.train_users, self.train_items, self.catalogue.num_items, self.num_negatives, self.seed
+            self.train_users,
+            self.train_items,
+            self.catalogue.num_items,
+            self.num_negatives,
+            self.seed,
+            allowed_items(self.catalogue),
         )
 
     def _build_graph(self) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,8 @@ class ItemIndex:
         deduplicated: number of items that got a non-zero code on an appended disambiguation level.
         catalogue_items: items ``0..catalogue_items-1`` are the catalogue's; rows beyond are cold-start items coded
             after training (no interactions), accepted for ``lightning predict`` only.
-        base_index_hash: hash of the index of the catalogue's items alone, as the stage-2 exporter writes it: what
-            a model trained before the cold-start items were coded was fingerprinted with.
+        base_index_hash: hash of the index without its cold-start items (see :func:`_base_hash`): what a model
+            trained on it is fingerprinted with, so the cold-start items' codes can change or grow after training.
     """
 
     codes: np.ndarray
@@ -69,6 +69,17 @@ class ItemIndex:
     def new_items(self) -> int:
         """Cold-start items after the catalogue's (0 for an index of the catalogue alone)."""
         return 0 if self.catalogue_items is None else len(self.codes) - self.catalogue_items
+
+    def cold_start_items(self) -> np.ndarray:
+        """Sorted ids of the items coded by cold start (the manifest's ``cold_start`` records)."""
+        records = (self.manifest or {}).get("cold_start") or []
+        parts = [
+            np.asarray(record["items"], dtype=np.int64)
+            if "items" in record
+            else np.arange(record["first_item"], record["last_item"] + 1, dtype=np.int64)
+            for record in records
+        ]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
     @property
     def trained_index_hash(self) -> str:
@@ -170,14 +181,16 @@ def _append_disambiguation_level(codes: np.ndarray) -> tuple[np.ndarray, int]:
     return np.concatenate([codes, rank[:, None]], axis=1), int((rank > 0).sum())
 
 
-def _base_hash(raw: dict[str, list[str]], num_items: int) -> str:
-    """Hash of the first ``num_items`` entries of an extended index as the stage-2 exporter wrote them.
+def _base_hash(raw: dict[str, list[str]], cold: np.ndarray) -> str:
+    """Hash of an index without its cold-start items, serialised as the stage-2 exporter writes an index.
 
-    ``callbacks.index_export`` writes ``json.dumps(index, ensure_ascii=False)`` (items in order) and
-    ``assign_codes`` appends the new items to that object: re-serialising the first ``num_items`` entries gives
-    back the training index's bytes exactly when their codes are unchanged, so equal hashes prove it.
+    ``callbacks.index_export`` writes ``json.dumps(index, ensure_ascii=False)`` (items in order) and cold start
+    only adds items or re-codes cold-start ones: re-serialising the other entries gives back the training index's
+    bytes exactly when their codes are unchanged (and the same bytes for every code source of the cold-start
+    items), so equal hashes prove that a model was trained on these codes.
     """
-    base = json.dumps({str(item): raw[str(item)] for item in range(num_items)}, ensure_ascii=False)
+    skip = set(cold.tolist())
+    base = json.dumps({key: raw[key] for key in sorted(raw, key=int) if int(key) not in skip}, ensure_ascii=False)
     return hashlib.sha256(base.encode("utf-8")).hexdigest()
 
 
@@ -191,8 +204,8 @@ def load_item_index(
         catalogue: the dataset; every item ``0..num_items-1`` must have a code tuple.
         dedupe_collisions: append a disambiguating level instead of failing on shared tuples (see module docstring).
         new_items: accept a stage-2 export extended with cold-start items (``assign_codes``): items ``num_items..``
-            with codes but no interactions, for serving. Their codes must use the code tokens of the catalogue's
-            items (the trained model has no others).
+            with codes but no interactions, decoded and recommended by a model trained before they were coded.
+            Their codes must use the code tokens of the catalogue's items (the trained model has no others).
 
     Raises:
         ArtifactError: a stage-2 artifact that is incomplete, edited, or written for other data or with collisions.
@@ -223,7 +236,7 @@ def load_item_index(
             f"{index_file}: codes for {len(items)} items, the catalogue has {num_items} (ids 0..{num_items - 1}; "
             f"first missing: {missing}). Every item needs a code tuple: use the index built for this dataset"
             + (
-                " (an index extended with cold-start items by assign_codes serves `lightning predict` only)."
+                " (an index extended with cold-start items by assign_codes is read with `new_items=True`)."
                 if len(items) > num_items
                 else "."
             )
@@ -273,7 +286,7 @@ def load_item_index(
                 "which the catalogue's items do not, so a model trained on them has no such token; code the new "
                 "items against this index again or retrain stage 3 on an index that has it."
             )
-    return ItemIndex(
+    index = ItemIndex(
         codes=codes,
         num_levels=num_levels,
         codebook_size=codebook_size,
@@ -283,5 +296,6 @@ def load_item_index(
         manifest=manifest,
         deduplicated=deduplicated,
         catalogue_items=num_items if extended else None,
-        base_index_hash=_base_hash(raw, num_items) if extended else None,
     )
+    cold = index.cold_start_items()
+    return replace(index, base_index_hash=_base_hash(raw, cold)) if cold.size else index

@@ -98,6 +98,13 @@ def _fingerprint(path: Path) -> list:
     return [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
 
 
+def model_fingerprint(path: str | Path) -> str:
+    """SHA-256 over the LLM directory's weight and tokenizer file names and sizes: which model made a text embedding
+    (a copied directory keeps it; mtimes do not survive a copy)."""
+    files = _fingerprint(Path(path))
+    return hashlib.sha256(json.dumps([[name, size] for name, size, _ in files]).encode()).hexdigest()
+
+
 @torch.no_grad()
 def mean_token_embeddings(
     texts: list[str], tokenizer, weight: torch.Tensor, batch_size: int, max_tokens: int

@@ -34,7 +34,12 @@ def contains(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def sample_negatives(
-    keys: np.ndarray, users: np.ndarray, num_items: int, rng: np.random.Generator, max_rounds: int = 1000
+    keys: np.ndarray,
+    users: np.ndarray,
+    num_items: int,
+    rng: np.random.Generator,
+    max_rounds: int = 1000,
+    allowed: np.ndarray | None = None,
 ) -> np.ndarray:
     """One item per entry of ``users``, uniform over the items whose ``(user, item)`` key is not in ``keys``.
 
@@ -48,6 +53,8 @@ def sample_negatives(
         num_items: catalogue size.
         rng: the generator (e.g. the epoch's).
         max_rounds: bound on the redraw rounds (only reached when a user interacted with (almost) every item).
+        allowed: sorted item ids that may be drawn (default every item); the cold-start protocol's held-out items
+            are left out (:func:`datamodules.cold_items.allowed_items`).
 
     Returns:
         ``[M]`` int64 item ids.
@@ -56,12 +63,16 @@ def sample_negatives(
         RuntimeError: a user has no allowed item (or almost none) after ``max_rounds`` rounds.
     """
     users = np.asarray(users, dtype=np.int64)
-    items = rng.integers(0, num_items, users.size)
+
+    def draw(size: int) -> np.ndarray:
+        return rng.integers(0, num_items, size) if allowed is None else allowed[rng.integers(0, len(allowed), size)]
+
+    items = draw(users.size)
     pending = np.flatnonzero(contains(keys, users * num_items + items))
     for _ in range(max_rounds):
         if pending.size == 0:
             return items
-        items[pending] = rng.integers(0, num_items, pending.size)
+        items[pending] = draw(pending.size)
         pending = pending[contains(keys, users[pending] * num_items + items[pending])]
     raise RuntimeError(
         f"{pending.size} negatives still rejected after {max_rounds} rounds: some users interacted with (almost) every "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from datamodules.catalogue import Catalogue
+from datamodules.cold_items import cold_items_of
 from datamodules.errors import require
 from datamodules.item_index import ItemIndex
 from datamodules.negatives import interaction_keys, sample_negatives
@@ -133,6 +134,11 @@ class PromptTasks:
         self.train_targets = catalogue.items[split.train.target_pos]
         # negatives exclude the training interactions only (no held-out target): see datamodules.negatives
         self.keys = interaction_keys(*split.train_interactions(), catalogue.num_items)
+        # items coded by cold start (held out by the protocol, or added after training) train nothing: no text
+        # sample and no negative names them
+        cold = np.union1d(cold_items_of(catalogue), item_index.cold_start_items())
+        self.cold_items = cold[cold < catalogue.num_items]
+        self.negative_pool = np.setdiff1d(np.arange(catalogue.num_items), self.cold_items) if cold.size else None
         if (
             weights.negative > 0
             and negative_ratio > 0
@@ -155,7 +161,10 @@ class PromptTasks:
             "description": [""] * self.catalogue.num_items,
         }
         items, kinds = [], []
+        cold = set(self.cold_items.tolist())
         for item, fields in (self.catalogue.item_text or {}).items():
+            if item in cold:
+                continue
             for kind, (_, prompt_field, response_field) in enumerate(TEXT_KINDS):
                 name = prompt_field or response_field
                 if not self.texts[name][item]:
@@ -200,7 +209,9 @@ class PromptTasks:
         train_rows = np.arange(len(self.split.train))
         sequential = _scaled(train_rows, weights.sequential, rng)
         negative = _scaled(np.repeat(train_rows, self.negative_ratio), weights.negative, rng)
-        negative_items = sample_negatives(self.keys, self.split.train.user[negative], self.catalogue.num_items, rng)
+        negative_items = sample_negatives(
+            self.keys, self.split.train.user[negative], self.catalogue.num_items, rng, allowed=self.negative_pool
+        )
         text = _scaled(np.arange(len(self.text_item)), weights.text, rng)
         query = _scaled(np.arange(len(self.query_item)), weights.query, rng)
         parts = [

@@ -134,6 +134,7 @@ class PromptDataModule(RecDataModule):
         eval_batch_size: evaluation prompts per batch (each is expanded to ``num_beams`` beams).
         num_workers: DataLoader workers (tokenization runs in them).
         seed: seed of the per-epoch draws (negatives, task subsets, templates) and of the evaluation subset.
+        cold_items: items held out of every fit (see :class:`datamodules.base.RecDataModule`).
         index: a stage-2 export directory (``index.json`` + ``manifest.json``, checked against this dataset) or
             an LC-Rec ``index.json``; None uses the dataset's own ``<Name>.index.json``.
         dedupe_collisions: accept an index whose items share code tuples by appending a disambiguating level
@@ -170,6 +171,7 @@ class PromptDataModule(RecDataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 42,
+        cold_items: str | None = None,
         index: str | None = None,
         dedupe_collisions: bool = False,
         tasks: TaskWeights | None = None,
@@ -193,6 +195,7 @@ class PromptDataModule(RecDataModule):
             eval_batch_size,
             num_workers,
             seed,
+            cold_items=cold_items,
         )
         field = "data.init_args."
         require(
@@ -221,10 +224,8 @@ class PromptDataModule(RecDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if self.prompts is None:
-            # cold-start items (an index extended after training) can be recommended, not trained or evaluated on
-            self.item_index = load_item_index(
-                self.index, self.catalogue, self.dedupe_collisions, new_items=stage == "predict"
-            )
+            # cold-start items (an index extended after training) are decoded and recommended, never trained on
+            self.item_index = load_item_index(self.index, self.catalogue, self.dedupe_collisions, new_items=True)
             log.info(
                 "item index %s: %d items x %d codes (L=%d, K=%d; %d cold-start items)",
                 self.item_index.source,

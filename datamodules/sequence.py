@@ -96,6 +96,7 @@ class SequenceDataModule(RecDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 42,
+        cold_items: str | None = None,
         causal_windows: bool = False,
     ) -> None:
         super().__init__(
@@ -109,6 +110,7 @@ class SequenceDataModule(RecDataModule):
             eval_batch_size,
             num_workers,
             seed,
+            cold_items=cold_items,
         )
         self.causal_windows = causal_windows
 

@@ -178,7 +178,8 @@ class StageBuilder:
         args = ("--data.init_args.embeddings", dccf.artifact, "--trainer.callbacks.init_args.output_dir", out, *args)
         if self.llm_path is not None and self.codebook_llm_path:
             args += ("--data.init_args.llm_path", self.llm_path)
-        config = (self.dataset.codebook, *(f"{PIECES}/{piece}.yaml" for piece in pieces))
+        # the paper's behaviour-only input first, so a piece can still turn text grounding back on
+        config = (self.dataset.codebook, *(f"{PIECES}/{piece}.yaml" for piece in ("paper_input", *pieces)))
         inputs = (dccf.artifact, *llm_inputs, *self.data)
         return self._add(Stage(name, "fit", config, args, inputs, out))
 

@@ -45,6 +45,7 @@ from datamodules.errors import ConfigError
 from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
 from lightning_modules.components.code_embeddings import code_rows
 from lightning_modules.components.code_view import causal_lm_of
+from lightning_modules.components.cold_ranking import ColdPrefixTable
 from lightning_modules.components.decoding import BeamBatchResult, DecodingConfig, beam_eval_batch
 from lightning_modules.components.trie import CodeTrie
 from lightning_modules.metrics import TopKMetrics
@@ -94,6 +95,10 @@ class GenerativeRecommender(L.LightningModule):
         mask_history: never recommend items the user already interacted with, the policy of this repository's ID
             baselines (their ``mask_history``); the default ranks them, as LC-Rec does. They are excluded inside
             the constrained beam search, so all ``eval_top_k`` slots hold unseen items.
+        cold_start_prefix: put items coded by cold start (the index's ``cold_start`` records: added after training,
+            or held out by the cold-start protocol) into each list after the best returned item sharing their first
+            ``cold_start_prefix`` codes (TIGER's cold-start retrieval, :mod:`.components.cold_ranking`); 0: off.
+        cold_start_slots: at most this many cold-start items per list.
     """
 
     def __init__(
@@ -119,6 +124,8 @@ class GenerativeRecommender(L.LightningModule):
         eval_top_k: int = 20,
         code_softmax: Literal["vocabulary", "trie"] = "vocabulary",
         mask_history: bool = False,
+        cold_start_prefix: int = 0,
+        cold_start_slots: int = 1,
     ) -> None:
         super().__init__()
         if (model_path is None) == (llama_config is None):
@@ -133,6 +140,11 @@ class GenerativeRecommender(L.LightningModule):
             )
         if eval_top_k > num_beams or eval_top_k < TopKMetrics().max_k:
             raise ValueError(f"eval_top_k must be in [{TopKMetrics().max_k}, num_beams={num_beams}], got {eval_top_k}")
+        if cold_start_prefix < 0 or cold_start_slots < 1:
+            raise ValueError(
+                f"cold_start_prefix must be >= 0 (0: off) and cold_start_slots >= 1, got {cold_start_prefix} and "
+                f"{cold_start_slots}"
+            )
         if not all(0.0 <= beta < 1.0 for beta in adam_betas):
             raise ValueError(f"adam_betas must both be in [0, 1), got {adam_betas}")
         if code_softmax == "trie" and not full_finetune:
@@ -149,6 +161,7 @@ class GenerativeRecommender(L.LightningModule):
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.code_trie: CodeTrie | None = None
+        self.cold_table: ColdPrefixTable | None = None
         self.code_token_ids: list[int] = []
         self.pad_token_added = False
         self.dataset_fingerprint: dict[str, Any] | None = None
@@ -307,6 +320,10 @@ class GenerativeRecommender(L.LightningModule):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self, [f"code_trie.{name}" for name, _ in self.code_trie.named_buffers()]
         )
+        cold = datamodule.item_index.cold_start_items()
+        if self.hparams.cold_start_prefix > 0 and len(cold):
+            codes = torch.from_numpy(datamodule.item_index.codes)
+            self.cold_table = ColdPrefixTable(codes, torch.from_numpy(cold), self.hparams.cold_start_prefix)
 
     def causal_lm(self) -> nn.Module:
         """The HF ``*ForCausalLM`` (under the peft wrapper when LoRA is on)."""
@@ -409,7 +426,9 @@ class GenerativeRecommender(L.LightningModule):
     # -------------------------------------------------------------------------------------- evaluation
     def rank_items(self, batch: dict[str, torch.Tensor]) -> BeamBatchResult:
         """The top-K items of each prompt of ``batch`` by constrained beam search (the one evaluation path)."""
-        return beam_eval_batch(self.model, self.tokenizer, self.code_trie, batch, self.decoding)
+        cold = None if self.cold_table is None else self.cold_table.to(batch["input_ids"].device)
+        slots = self.hparams.cold_start_slots
+        return beam_eval_batch(self.model, self.tokenizer, self.code_trie, batch, self.decoding, cold, slots)
 
     @property
     def mask_history(self) -> bool:

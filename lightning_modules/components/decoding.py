@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lightning_modules.components.code_view import build_view, causal_lm_of, vocabulary_view
+from lightning_modules.components.cold_ranking import ColdPrefixTable
 from lightning_modules.components.trie import CodeTrie, TrieLogitsProcessor
 from lightning_modules.metrics import rank_in_list
 
@@ -267,7 +268,13 @@ class BeamBatchResult:
 
 
 def beam_eval_batch(
-    model, tokenizer, trie: CodeTrie, batch: dict[str, torch.Tensor], config: DecodingConfig
+    model,
+    tokenizer,
+    trie: CodeTrie,
+    batch: dict[str, torch.Tensor],
+    config: DecodingConfig,
+    cold: ColdPrefixTable | None = None,
+    cold_slots: int = 1,
 ) -> BeamBatchResult:
     """Beam-search one batch of left-padded prompts and rank each row's ``target_item`` among the results.
 
@@ -278,6 +285,7 @@ def beam_eval_batch(
         batch: ``input_ids``/``attention_mask`` (left-padded prompts), optionally ``target_item`` ``[B]`` (no ranks
             without it, e.g. when serving) and, under ``config.mask_history``, ``seen_rows``/``seen_items``.
         config: beam width, K, renormalisation and history masking.
+        cold: cold-start items retrieved by code prefix into the lists (:mod:`.cold_ranking`), ``cold_slots`` each.
     """
     exclude = (batch["seen_rows"], batch["seen_items"]) if config.mask_history else None
     items, scores = generate_topk(
@@ -291,5 +299,7 @@ def beam_eval_batch(
         renormalize=config.renormalize,
         exclude=exclude,
     )
+    if cold is not None:
+        items, scores = cold.insert(items, scores, cold_slots)
     target = batch.get("target_item")
     return BeamBatchResult(items, scores, None if target is None else rank_in_list(items, target))
