@@ -162,6 +162,7 @@ class GenerativeRecommender(L.LightningModule):
         self.tokenizer = None
         self.code_trie: CodeTrie | None = None
         self.cold_table: ColdPrefixTable | None = None
+        self.cold_start_prefix, self.cold_start_slots = cold_start_prefix, cold_start_slots
         self.code_token_ids: list[int] = []
         self.pad_token_added = False
         self.dataset_fingerprint: dict[str, Any] | None = None
@@ -321,9 +322,9 @@ class GenerativeRecommender(L.LightningModule):
             self, [f"code_trie.{name}" for name, _ in self.code_trie.named_buffers()]
         )
         cold = datamodule.item_index.cold_start_items()
-        if self.hparams.cold_start_prefix > 0 and len(cold):
+        if self.cold_start_prefix > 0 and len(cold):
             codes = torch.from_numpy(datamodule.item_index.codes)
-            self.cold_table = ColdPrefixTable(codes, torch.from_numpy(cold), self.hparams.cold_start_prefix)
+            self.cold_table = ColdPrefixTable(codes, torch.from_numpy(cold), self.cold_start_prefix)
 
     def causal_lm(self) -> nn.Module:
         """The HF ``*ForCausalLM`` (under the peft wrapper when LoRA is on)."""
@@ -427,7 +428,7 @@ class GenerativeRecommender(L.LightningModule):
     def rank_items(self, batch: dict[str, torch.Tensor]) -> BeamBatchResult:
         """The top-K items of each prompt of ``batch`` by constrained beam search (the one evaluation path)."""
         cold = None if self.cold_table is None else self.cold_table.to(batch["input_ids"].device)
-        slots = self.hparams.cold_start_slots
+        slots = self.cold_start_slots
         return beam_eval_batch(self.model, self.tokenizer, self.code_trie, batch, self.decoding, cold, slots)
 
     @property
