@@ -2,6 +2,7 @@
 
     python experiments/cold_start.py --dataset industrial --seeds 42 43 44            # run (resumes) and report
     python experiments/cold_start.py --dataset industrial --seeds 42 --steps 2000     # a shorter stage 3
+    python experiments/cold_start.py unseen runs/.../topk_test.rank0.jsonl  # standard split: unseen-target users
 
 Per seed, a seeded share of the catalogue (``--share``, default 5%) becomes the held-out set ``H``
 (``cold_items.json``). With ``data.init_args.cold_items`` every stage reads the catalogue with ``H`` removed from
@@ -62,6 +63,7 @@ VARIANTS = {
 }
 BASELINES = {"SASRec": "sasrec_topk", "most popular": "most_popular"}
 PREFIX = ["--model.init_args.cold_start_prefix", "1"]
+BEAM_ONLY = ["--model.init_args.cold_start_prefix", "0"]
 GROUNDED, CURRENT, RANDOM = (f"{name}, prefix retrieval" for name in ("text-grounded", "current", "random"))
 K = 10
 
@@ -101,7 +103,7 @@ def pipeline_file(options: argparse.Namespace, seed: int) -> Path:
     def llm_test(variant: str, extra: tuple[str, ...] = ()) -> dict:
         index = art / ("codebook" if variant == "grounded" else f"codebook_{variant}")
         return {
-            "name": f"llm_{variant}" + ("_prefix" if extra else ""),
+            "name": f"llm_{variant}" + ("_prefix" if extra == tuple(PREFIX) else ""),
             "command": "test",
             "config": [f"{configs}/llm.yaml"],
             "args": [*held, "--data.init_args.index", str(index), "--ckpt_path", "{llm.checkpoint}", *extra],
@@ -135,13 +137,14 @@ def pipeline_file(options: argparse.Namespace, seed: int) -> Path:
             "config": [f"{configs}/llm.yaml"],
             "args": [*held, "--data.init_args.seed", str(seed), "--data.init_args.index", str(art / "codebook")]
             + steps
+            + BEAM_ONLY
             + ["--trainer.callbacks.init_args.output_dir", str(art / "llm")],
             "inputs": [str(art / "codebook")],
             "artifact": str(art / "llm"),
             "row": "generative, text-grounded codes",
         },
-        llm_test("current"),
-        llm_test("random"),
+        llm_test("current", tuple(BEAM_ONLY)),
+        llm_test("random", tuple(BEAM_ONLY)),
         {"name": "sasrec", "command": "fit", "config": [f"{configs}/sasrec.yaml"], "args": held, "row": "SASRec"},
         {
             "name": "sasrec_topk",
@@ -261,8 +264,31 @@ def report(options: argparse.Namespace, results: dict[int, dict[str, dict[str, f
     return "\n".join(lines)
 
 
+def unseen_targets(options: argparse.Namespace) -> None:
+    """On the standard split: HR@10 over all users and over those whose test target has no training interaction."""
+    data_dir, name, _ = DATASETS[options.dataset]
+    catalogue = RecDataModule(data_dir, name).load_catalogue()
+    split = LeaveLastOutSplit(catalogue)
+    counts = np.bincount(split.train_interactions()[1], minlength=catalogue.num_items)
+    test = split.samples("test")
+    target_of = catalogue.items[test.target_pos]
+    targets = dict(zip(catalogue.user_ids[test.user].tolist(), target_of.tolist(), strict=True))
+    unseen = [user for user, target in targets.items() if counts[target] == 0]
+    for path in options.topk:
+        per_user = user_metrics(Path(path), targets)
+        everyone = np.mean([hit for hit, _ in per_user.values()])
+        cold = np.mean([per_user[user][0] for user in unseen])
+        print(f"{path}: all users HR@10 {everyone:.4f}; unseen-target users ({len(unseen)}) HR@10 {cold:.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["unseen"]:
+        parser = argparse.ArgumentParser(prog="cold_start.py unseen", description=unseen_targets.__doc__)
+        parser.add_argument("--dataset", choices=sorted(DATASETS), default="industrial")
+        parser.add_argument("topk", nargs="+", help="topk_test.rank0.jsonl files of stage-3 runs")
+        unseen_targets(parser.parse_args(argv[1:]))
+        return 0
     if argv[:1] == ["recode"]:
         parser = argparse.ArgumentParser(prog="cold_start.py recode")
         parser.add_argument("--variant", choices=("current", "random"), required=True)
