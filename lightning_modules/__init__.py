@@ -1,4 +1,4 @@
-"""LightningModules: the ID-based recommenders, the codebook tokenizer and the LLM (LoRA SFT)."""
+"""LightningModules: the ID-based recommenders, the codebook tokenizer and the LLM (LoRA SFT, then GRPO)."""
 
 from lightning_modules.base import CheckpointMismatchError, CountingRecommender, IDRecommender
 from lightning_modules.bert4rec import BERT4Rec
@@ -8,6 +8,7 @@ from lightning_modules.fmlp import FMLPRec
 from lightning_modules.llm import GenerativeRecommender
 from lightning_modules.metrics import TopKMetrics, rank_in_list, rank_of_target
 from lightning_modules.popularity import MostPopular
+from lightning_modules.rl import PreferenceOptimizer
 from lightning_modules.sasrec import SASRec
 from lightning_modules.transitions import TransitionCounts
 
@@ -21,6 +22,7 @@ __all__ = [
     "GenerativeRecommender",
     "IDRecommender",
     "MostPopular",
+    "PreferenceOptimizer",
     "SASRec",
     "TopKMetrics",
     "TransitionCounts",

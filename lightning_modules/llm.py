@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from datamodules.errors import ConfigError
 from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
 from lightning_modules.components.code_embeddings import code_rows
+from lightning_modules.components.code_logprob import trie_code_rows, trie_level_logits
 from lightning_modules.components.code_view import causal_lm_of
 from lightning_modules.components.cold_ranking import ColdPrefixTable
 from lightning_modules.components.decoding import BeamBatchResult, DecodingConfig, beam_eval_batch
@@ -56,6 +57,27 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_TOKEN = "<pad>"
+
+
+def add_lora(
+    model: nn.Module, code_token_ids: list[int], rank: int, alpha: int, dropout: float, target_modules: list[str]
+) -> nn.Module:
+    """``model`` under peft LoRA on ``target_modules``, with the code tokens' embedding and LM-head rows trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
+        raise ImportError("LoRA with trainable code-token rows needs peft>=0.15 (LoraConfig.trainable_token_indices)")
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    rows = {names[model.get_input_embeddings()]: code_token_ids, names[model.get_output_embeddings()]: code_token_ids}
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        trainable_token_indices=rows,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
 
 
 class GenerativeRecommender(L.LightningModule):
@@ -282,26 +304,9 @@ class GenerativeRecommender(L.LightningModule):
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.lora:
-            from peft import LoraConfig, get_peft_model
-
-            if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
-                raise ImportError(
-                    "LoRA with trainable code-token rows needs peft>=0.15 (LoraConfig.trainable_token_indices)"
-                )
-            names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
-            rows = {
-                names[model.get_input_embeddings()]: self.code_token_ids,
-                names[model.get_output_embeddings()]: self.code_token_ids,
-            }
-            config = LoraConfig(
-                r=hp.lora_rank,
-                lora_alpha=hp.lora_alpha,
-                lora_dropout=hp.lora_dropout,
-                target_modules=self.lora_target_modules,
-                trainable_token_indices=rows,
-                task_type="CAUSAL_LM",
+            model = add_lora(
+                model, self.code_token_ids, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self.lora_target_modules
             )
-            model = get_peft_model(model, config)
         numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - a ZeRO-3 shard's numel() is 0
         trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
         log.info(
@@ -380,9 +385,7 @@ class GenerativeRecommender(L.LightningModule):
         closes_code = (targets == trie.eos_token_id) & previous_is_code
         total = hidden.new_zeros((), dtype=torch.float32)
         coded = torch.zeros_like(supervised)
-        # One gather of every level's LM-head rows: its backward scatters into a [vocab, hidden] gradient once,
-        # where one gather per level would zero-fill and add a vocabulary-sized buffer L times per step.
-        code_rows = head.weight.index_select(0, torch.cat(trie.level_tokens)).split([len(t) for t in trie.level_tokens])
+        code_rows = trie_code_rows(head, trie)  # one gather of every level's LM-head rows
         for d in range(trie.code_length):  # an empty depth contributes a zero sum
             rows, cols = torch.nonzero(depth == d, as_tuple=True)
             prefix = targets[rows[:, None], (cols[:, None] - d + torch.arange(d, device=targets.device)).clamp(min=0)]
@@ -391,8 +394,7 @@ class GenerativeRecommender(L.LightningModule):
                 cols >= d
             )  # a code token outside any item's code (e.g. in a text) is scored as text
             rows, cols, state = rows[valid], cols[valid], state[valid]
-            logits = (hidden[rows, cols] @ code_rows[d].T).float()
-            logits = logits.masked_fill(~trie.allowed[state, : code_rows[d].shape[0]], -float("inf"))
+            logits = trie_level_logits(hidden[rows, cols], code_rows[d], trie, state)
             total = total + F.cross_entropy(logits, slots[d, rows, cols], reduction="sum")
             coded[rows, cols] = True
         is_text = supervised & ~coded & ~closes_code

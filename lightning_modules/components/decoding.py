@@ -65,6 +65,41 @@ def beam_generation_config(
     )
 
 
+def sampling_generation_config(
+    num_return_sequences: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    pad_token_id: int,
+    eos_token_id: int,
+    bos_token_id: int | None,
+) -> GenerationConfig:
+    """An explicit ancestral-sampling config (stage 4's ``rollout: sample``): ``do_sample=True``, one beam.
+
+    ``top_k=0`` and ``top_p=1.0`` switch those filters off; HF applies temperature, top-k and top-p after the
+    logits processors, i.e. to the trie-constrained distribution. Beam-only flags keep their neutral values so no
+    "only used in beam-based generation" warning fires.
+    """
+    return GenerationConfig(
+        do_sample=True,
+        num_beams=1,
+        num_return_sequences=num_return_sequences,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        return_dict_in_generate=True,
+        use_cache=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+    )
+
+
 @contextlib.contextmanager
 def isolated_generation_config(model) -> Iterator[None]:
     """Hide the checkpoint's ``generation_config`` during ``generate``.
