@@ -40,6 +40,7 @@ class RolloutPromptDataModule(PromptDataModule):
         eval_batch_size: evaluation prompts per batch (each is expanded to ``num_beams`` beams).
         num_workers: DataLoader workers.
         seed: seed of the evaluation subset (and of stage 3's plan, unused here).
+        cold_items: items held out of every fit (see :class:`datamodules.base.RecDataModule`).
         index: the stage-2 index the stage-3 model was trained on (see :class:`datamodules.PromptDataModule`).
         dedupe_collisions: see :class:`datamodules.PromptDataModule`.
         eval_max_users: evaluate a fixed random subset of this many users (the same as stage 3's for the same seed).
@@ -59,6 +60,7 @@ class RolloutPromptDataModule(PromptDataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 42,
+        cold_items: str | None = None,
         index: str | None = None,
         dedupe_collisions: bool = False,
         eval_max_users: int | None = None,
@@ -76,6 +78,7 @@ class RolloutPromptDataModule(PromptDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             seed=seed,
+            cold_items=cold_items,
             index=index,
             dedupe_collisions=dedupe_collisions,
             tasks=SEQUENTIAL_ONLY,
@@ -85,6 +88,11 @@ class RolloutPromptDataModule(PromptDataModule):
             test_all_users=test_all_users,
             predict_users=predict_users,
         )
+
+    @property
+    def negative_pool(self) -> np.ndarray | None:
+        """Items a negative may be (None: every item): cold-start items are never drawn."""
+        return self.prompts.negative_pool
 
     @property
     def negative_keys(self) -> np.ndarray:

@@ -355,7 +355,8 @@ class PreferenceOptimizer(GenerativeRecommender):
             datamodule = self.trainer.datamodule
             rng = np.random.default_rng((datamodule.seed, self.global_step, self.global_rank))
             users = np.repeat(batch["user"].cpu().numpy(), self.hparams.negatives_per_prompt)
-            drawn = sample_negatives(datamodule.negative_keys, users, datamodule.catalogue.num_items, rng)
+            num_items, pool = datamodule.catalogue.num_items, datamodule.negative_pool
+            drawn = sample_negatives(datamodule.negative_keys, users, num_items, rng, allowed=pool)
             negatives = torch.from_numpy(drawn).to(items.device).view(len(target), -1)
             terms["negative"] = negative_reward(items, negatives)
         if "distance" in active:

@@ -123,6 +123,23 @@ def test_choose_cold_items_and_user_metrics_by_hand(tmp_path):
 
 
 # -------------------------------------------------------------------- codebook with grounding + cold start
+def fit_codebook(model: AlignmentTokenizer, datamodule: ItemDataModule, export) -> dict:
+    """One seeded epoch of stage 2, exported to ``export``; returns the export's manifest."""
+    L.seed_everything(0)
+    exporter = CodeIndexExporter(str(export))
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[exporter],
+    )
+    trainer.fit(model, datamodule)
+    return exporter.manifest
+
+
 @pytest.fixture(scope="module")
 def grounded(synthetic_dir, tmp_path_factory):
     """A text-grounded codebook (L=3, K=8) on the tiny catalogue with items 3, 50 and 77 held out of its fit."""
@@ -137,17 +154,7 @@ def grounded(synthetic_dir, tmp_path_factory):
         cold_items=str(root / "cold.json"),
         text_grounding=TextGroundingSpec(min_interactions=1, tfidf_dim=8),
     )
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[CodeIndexExporter(str(root / "export"))],
-    )
-    trainer.fit(AlignmentTokenizer(num_levels=3, codebook_size=8), datamodule)
+    fit_codebook(AlignmentTokenizer(num_levels=3, codebook_size=8), datamodule, root / "export")
     return root, datamodule
 
 
@@ -290,18 +297,8 @@ def test_lightning_predict_codes_new_items_from_text(synthetic_dir, tmp_path):
 )
 def test_ablations_export_with_grounding_and_held_out_items(grounded, variant):
     root, datamodule = grounded
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[CodeIndexExporter(str(root / f"export_{len(variant)}_{variant.get('num_levels')}"))],
-    )
-    trainer.fit(AlignmentTokenizer(**variant), datamodule)
-    manifest = trainer.callbacks[0].manifest
+    out = root / f"export_{len(variant)}_{variant.get('num_levels')}"
+    manifest = fit_codebook(AlignmentTokenizer(**variant), datamodule, out)
     assert manifest["final_collision_rate"] == 0 and manifest["cold_start"][0]["items"] == [3, 50, 77]
 
 
