@@ -27,6 +27,7 @@ from datamodules.code_index import CODE_VECTORS_FILE, CODEBOOK_FILE, INDEX_FILE,
 from datamodules.llm_embeddings import model_fingerprint
 from lightning_modules.components.code_assignment import make_unique
 from lightning_modules.components.quantizer import Quantized
+from lightning_modules.components.sinkhorn import spread_collisions
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,12 @@ def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, data
     trained, cold = torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
     quantizer, catalogue = pl_module.quantizer, datamodule.catalogue
     cost = pl_module.last_level_cost(_take(out, trained), llm[trained], has_text[trained])
-    resolution = make_unique(out.codes[trained], cost, quantizer.codebook_size)
+    hp, raw = pl_module.hparams, out.codes[trained]
+    mapping = hp.get("collision_mapping", "none")  # checkpoints from before the option: none
+    mapped, spread = raw, 0
+    if mapping == "sinkhorn":  # LC-Rec's uniform semantic mapping first, make_unique for what still collides
+        mapped, spread = spread_collisions(raw, cost, hp.sinkhorn_epsilon, hp.sinkhorn_iterations)
+    resolution = make_unique(mapped, cost, quantizer.codebook_size)
     state = codebook_state(pl_module, datamodule)
     codes = torch.zeros(len(out.codes), resolution.codes.shape[1], dtype=torch.long)
     codes[trained] = resolution.codes
@@ -94,7 +100,10 @@ def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, data
                 "code_vectors": CODE_VECTORS_FILE,
                 "distance": quantizer.distance,
                 "variant": quantizer.config()["variant"],
-                "raw_collision_rate": resolution.raw_collision_rate,
+                "raw_collision_rate": collision_rate(raw),
+                "collision_mapping": mapping,
+                "mapped_collision_rate": resolution.raw_collision_rate,
+                "sinkhorn_moved_items": spread,
                 "final_collision_rate": collision_rate(codes),
                 "reassigned_items": resolution.reassigned,
                 "extra_level_items": resolution.extra_level,
@@ -114,12 +123,14 @@ def export_code_index(output_dir: str | Path, pl_module: L.LightningModule, data
             }
         )
     log.info(
-        "index of %d items written to %s: raw collision rate %.4f%% (%d trained items), %d re-assigned, %d on an extra "
-        "level, %d held-out items coded by cold start, final %.1f%%",
+        "index of %d items written to %s: raw collision rate %.4f%% (%d trained items), %.4f%% after collision "
+        "mapping %s, %d re-assigned, %d on an extra level, %d held-out items coded by cold start, final %.1f%%",
         catalogue.num_items,
         output_dir,
-        100 * resolution.raw_collision_rate,
+        100 * manifest["raw_collision_rate"],
         len(trained),
+        100 * resolution.raw_collision_rate,
+        mapping,
         resolution.reassigned,
         resolution.extra_level,
         len(cold),

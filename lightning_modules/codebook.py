@@ -61,6 +61,11 @@ class AlignmentTokenizer(L.LightningModule):
         rqvae_latent_dim: RQ-VAE latent dimension.
         rqvae_beta: RQ-VAE commitment weight.
         reconstruction_weight: RQ-VAE reconstruction loss weight.
+        collision_mapping: at the index export, ``sinkhorn`` first re-chooses the last code of items that share a
+            tuple by LC-Rec's uniform semantic mapping (:mod:`.components.sinkhorn`), then ``make_unique`` resolves
+            the rest; ``none`` leaves it all to ``make_unique``.
+        sinkhorn_epsilon: Sinkhorn temperature on the centred last-level distances (LC-Rec: 0.003).
+        sinkhorn_iterations: Sinkhorn-Knopp rounds (LC-Rec: 50).
     """
 
     def __init__(
@@ -77,6 +82,9 @@ class AlignmentTokenizer(L.LightningModule):
         rqvae_latent_dim: int = 32,
         rqvae_beta: float = 0.25,
         reconstruction_weight: float = 1.0,
+        collision_mapping: Literal["none", "sinkhorn"] = "none",
+        sinkhorn_epsilon: float = 0.003,
+        sinkhorn_iterations: int = 50,
     ) -> None:
         super().__init__()
         field = "model.init_args."
@@ -85,6 +93,14 @@ class AlignmentTokenizer(L.LightningModule):
         require(behaviour_weight >= 0, field + "behaviour_weight", ">= 0", behaviour_weight)
         require(llm_alignment_weight >= 0, field + "llm_alignment_weight", ">= 0", llm_alignment_weight)
         require(lr > 0, field + "lr", "> 0", lr)
+        require(
+            collision_mapping in ("none", "sinkhorn"),
+            field + "collision_mapping",
+            "none or sinkhorn",
+            collision_mapping,
+        )
+        require(sinkhorn_epsilon > 0, field + "sinkhorn_epsilon", "> 0 (LC-Rec: 0.003)", sinkhorn_epsilon)
+        require(sinkhorn_iterations >= 1, field + "sinkhorn_iterations", ">= 1 (LC-Rec: 50)", sinkhorn_iterations)
         self.save_hyperparameters()
         self.quantizer: ResidualCodebook | None = None
         self.llm_projection: nn.Linear | None = None
