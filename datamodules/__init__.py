@@ -7,6 +7,7 @@ from datamodules.item_index import ItemIndex, load_item_index
 from datamodules.items import ItemDataModule, load_item_embeddings
 from datamodules.prompt_tasks import TaskWeights
 from datamodules.prompts import PromptDataModule
+from datamodules.semantic_ids import SemanticIdDataModule
 from datamodules.sequence import SequenceDataModule
 from datamodules.split import LeaveLastOutSplit
 from datamodules.synthetic import SyntheticSpec, write_synthetic
@@ -21,6 +22,7 @@ __all__ = [
     "LeaveLastOutSplit",
     "PromptDataModule",
     "RecDataModule",
+    "SemanticIdDataModule",
     "SequenceDataModule",
     "SyntheticSpec",
     "TaskWeights",

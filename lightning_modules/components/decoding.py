@@ -247,10 +247,10 @@ def generate_topk(
     items = trie.items_of(generated[:, :code_length])
     items = torch.where(generated[:, code_length] == eos, items, -1).view(batch, num_return_sequences)
     scores = out.sequences_scores.view(batch, num_return_sequences).float()
-    return _rank_distinct(items, scores)
+    return rank_distinct(items, scores)
 
 
-def _rank_distinct(items: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_distinct(items: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort rows by score, drop invalid hypotheses and repeated items (keeping the best), pad with -1/-inf."""
     valid = (items >= 0) & torch.isfinite(scores) & (scores > _HF_DEAD_BEAM_SCORE)
     scores = torch.where(valid, scores, -float("inf"))
