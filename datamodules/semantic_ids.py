@@ -15,6 +15,8 @@ Batch format (every stage)::
     target_item    [B]     the next item's id
     user           [B]     user rows
     seen_rows/seen_items [P]  the user's whole history before the target (validation/test, for ``mask_history``)
+
+``predict`` batches (serving) read the last ``max_history`` items of the whole sequence and have no target.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import RecDataModule, Source
 from datamodules.errors import require
 from datamodules.item_index import ItemIndex, load_item_index
-from datamodules.sequence import SequenceSamples
+from datamodules.split import LeaveLastOutSplit, SampleIndex
 from datamodules.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
@@ -101,12 +103,34 @@ def encoder_inputs(
 
 
 class SemanticIdSamples(Dataset):
-    """One split stage's samples as token ids (see the module docstring); batches built in ``__getitems__``."""
+    """Samples of one split stage as token ids (see the module docstring); batches built in ``__getitems__``.
+
+    Histories, targets and seen items come from the split's own methods, as in
+    :class:`datamodules.sequence.SequenceSamples`: the same samples, in tokens.
+
+    Args:
+        split: the leave-last-out split.
+        index: the stage's samples (user, target position); a position one past the user's last item (serving)
+            gives the whole sequence's history and no target.
+        rows: the sample rows served (all, or an evaluation subset).
+        item_tokens: ``[num_items, T]`` token ids of the catalogue's items.
+        vocabulary: the token layout.
+        with_seen: add ``seen_rows``/``seen_items`` (evaluation).
+        with_target: add ``labels``/``target_item`` (not when serving).
+    """
 
     def __init__(
-        self, samples: SequenceSamples, rows: np.ndarray, item_tokens: np.ndarray, vocabulary: SemanticIdVocabulary
+        self,
+        split: LeaveLastOutSplit,
+        index: SampleIndex,
+        rows: np.ndarray,
+        item_tokens: np.ndarray,
+        vocabulary: SemanticIdVocabulary,
+        with_seen: bool,
+        with_target: bool = True,
     ) -> None:
-        self.samples, self.rows, self.vocabulary = samples, rows, vocabulary
+        self.split, self.index, self.rows, self.vocabulary = split, index, rows, vocabulary
+        self.with_seen, self.with_target = with_seen, with_target
         pad_row = np.full((1, item_tokens.shape[1]), vocabulary.pad_token_id, dtype=np.int64)
         self.table = np.concatenate([item_tokens, pad_row])  # row num_items = the split's pad item
 
@@ -114,20 +138,25 @@ class SemanticIdSamples(Dataset):
         return len(self.rows)
 
     def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.samples.__getitems__(self.rows[np.asarray(rows, dtype=np.int64)].tolist())
-        vocabulary = self.vocabulary
-        users = batch["user"].numpy()
+        rows = self.rows[np.asarray(rows, dtype=np.int64)]
+        vocabulary, users = self.vocabulary, self.index.user[rows]
         user_tokens = vocabulary.user_tokens(users) if vocabulary.user_buckets else None
-        input_ids, mask = encoder_inputs(batch.pop("history").numpy(), self.table, user_tokens, vocabulary.pad_token_id)
-        target = batch.pop("target")
-        eos = np.full((len(target), 1), vocabulary.eos_token_id, dtype=np.int64)
-        return {
-            **batch,
+        history = self.split.histories(self.index, rows)
+        input_ids, mask = encoder_inputs(history, self.table, user_tokens, vocabulary.pad_token_id)
+        batch = {
+            "user": torch.from_numpy(users),
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask),
-            "labels": torch.from_numpy(np.concatenate([self.table[target.numpy()], eos], axis=1)),
-            "target_item": target,
         }
+        if self.with_target:
+            target = self.split.catalogue.items[self.index.target_pos[rows]]
+            eos = np.full((len(rows), 1), vocabulary.eos_token_id, dtype=np.int64)
+            batch["labels"] = torch.from_numpy(np.concatenate([self.table[target], eos], axis=1))
+            batch["target_item"] = torch.from_numpy(target)
+        if self.with_seen:
+            seen_rows, seen_items = self.split.seen_items(self.index, rows)
+            batch["seen_rows"], batch["seen_items"] = torch.from_numpy(seen_rows), torch.from_numpy(seen_items)
+        return batch
 
 
 class SemanticIdDataModule(RecDataModule):
@@ -211,16 +240,15 @@ class SemanticIdDataModule(RecDataModule):
             self.vocabulary.size,
             self.user_buckets,
         )
-        tokens, split = self.item_token_ids(), self.split
+        tokens, split, vocabulary = self.item_token_ids(), self.split, self.vocabulary
+        users = np.arange(self.catalogue.num_users)
+        whole = SampleIndex(users, self.catalogue.offsets[1:])  # after each user's last item: serving
         self.datasets = {
-            "train": self._samples(SequenceSamples(split, split.train, with_seen=False), None, tokens),
-            "valid": self._samples(SequenceSamples(split, split.valid, with_seen=True), "valid", tokens),
-            "test": self._samples(SequenceSamples(split, split.test, with_seen=True), "test", tokens),
+            "train": SemanticIdSamples(split, split.train, np.arange(len(split.train)), tokens, vocabulary, False),
+            "valid": SemanticIdSamples(split, split.valid, self.eval_rows("valid"), tokens, vocabulary, True),
+            "test": SemanticIdSamples(split, split.test, self.eval_rows("test"), tokens, vocabulary, True),
+            "predict": SemanticIdSamples(split, whole, users, tokens, vocabulary, True, with_target=False),
         }
-
-    def _samples(self, samples: SequenceSamples, stage: str | None, tokens: np.ndarray) -> SemanticIdSamples:
-        rows = np.arange(len(samples)) if stage is None else self.eval_rows(stage)
-        return SemanticIdSamples(samples, rows, tokens, self.vocabulary)
 
     def item_token_ids(self) -> np.ndarray:
         """``[num_items, T]`` token ids of every item's codes (what the model's trie is built from)."""
@@ -243,4 +271,5 @@ class SemanticIdDataModule(RecDataModule):
         return self._loader(self.datasets["test"], self.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        """Every user with the last ``max_history`` items of the whole sequence (serving: no target)."""
+        return self._loader(self.datasets["predict"], self.eval_batch_size, shuffle=False)

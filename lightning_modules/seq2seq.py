@@ -14,6 +14,7 @@ The datamodule supplies the token layout: ``vocabulary`` (``size``, ``pad_token_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -170,6 +171,15 @@ class Seq2SeqRecommender(L.LightningModule):
         return encoder_decoder_eval_batch(
             self.model, self.code_trie, batch, self.decoding, self.pad_token_id, self.pad_token_id
         )
+
+    @property
+    def mask_history(self) -> bool:
+        """Whether the beam search excludes the batch's seen items (the cache writer sets it from ``exclude_seen``)."""
+        return self.decoding.mask_history
+
+    @mask_history.setter
+    def mask_history(self, value: bool) -> None:
+        self.decoding = dataclasses.replace(self.decoding, mask_history=bool(value))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.val_metrics.update(self.rank_items(batch).ranks)

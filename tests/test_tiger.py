@@ -88,6 +88,10 @@ def test_samples_are_the_leave_last_out_split_as_code_tokens(tmp_path):
     row = test["user"].tolist().index(row_of[10])
     assert sorted(test["seen_items"][test["seen_rows"] == row].tolist()) == [0, 1, 2, 3]  # uncapped history
     assert "seen_rows" not in _all(dm.datasets["train"])
+    serve = _all(dm.datasets["predict"])  # serving: the whole sequence's last 3 items, no target
+    row = serve["user"].tolist().index(row_of[10])
+    assert serve["input_ids"][row][serve["attention_mask"][row].bool()].tolist() == expected("10", [2, 3, 4])
+    assert "labels" not in serve and sorted(serve["seen_items"][serve["seen_rows"] == row].tolist()) == [0, 1, 2, 3, 4]
     without_users = _all(_hand_made(tmp_path / "b", max_history=3, user_buckets=0).datasets["test"])
     assert sorted(without_users["attention_mask"].sum(1).tolist()) == [4, 6, 6]  # 2 codes per item, no user
 
@@ -136,6 +140,10 @@ def test_constrained_decoding_returns_valid_distinct_items_scored_by_their_likel
         ).logits
     likelihood = logits.log_softmax(-1).gather(2, labels[:, :, None]).sum((1, 2))
     assert torch.allclose(likelihood, result.scores[:, 0], atol=1e-4)
+    module.mask_history = False  # what the cache writer's exclude_seen sets
+    assert not module.decoding.mask_history and module.hparams.mask_history
+    served = module.predict_step(next(iter(dm.predict_dataloader())), 0)
+    assert served["items"].shape == (5, 10) and (served["items"] >= 0).all()
     ranks = result.ranks.tolist()
     assert all(rank == 10 or result.items[i, rank] == batch["target_item"][i] for i, rank in enumerate(ranks))
 
