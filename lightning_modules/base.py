@@ -9,12 +9,13 @@ A new baseline implements :meth:`build`, :meth:`training_loss`, :meth:`score_ite
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning as L
 import torch
 
-from datamodules.errors import SemConvError, require
+from datamodules.errors import ConfigError, SemConvError, require
 from lightning_modules.metrics import TopKMetrics, rank_of_target
 from lightning_modules.optimizers import adamw
 
@@ -50,6 +51,55 @@ def log_topk_metrics(module: L.LightningModule, metric: TopKMetrics, prefix: str
         {f"{prefix}/{name}": value.float() for name, value in values.items()}, prog_bar=prefix == "val", sync_dist=True
     )
     metric.reset()
+
+
+class BeamRanker:
+    """Evaluation of a model that ranks items with :meth:`rank_items` (a constrained beam search).
+
+    A mixin for the generative LightningModules (listed before ``L.LightningModule`` in the bases): validation
+    updates ``val_metrics`` from the ranks, the test returns each batch's ranking for
+    :class:`callbacks.BeamSearchEvaluator` (which computes the metrics and the top-K files), and predict returns the
+    top-K lists for serving. The class needs ``rank_items(batch) -> BeamBatchResult``, ``decoding``
+    (a ``DecodingConfig``) and ``val_metrics``.
+    """
+
+    #: the configs that carry the evaluation callback, named in the error when it is missing
+    configs_with_evaluator = "configs/*/llm.yaml"
+
+    @property
+    def mask_history(self) -> bool:
+        """Whether the beam search excludes the batch's seen items (the cache writer sets it from ``exclude_seen``)."""
+        return self.decoding.mask_history
+
+    @mask_history.setter
+    def mask_history(self, value: bool) -> None:
+        self.decoding = dataclasses.replace(self.decoding, mask_history=bool(value))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_metrics.update(self.rank_items(batch).ranks)
+
+    def on_validation_epoch_end(self) -> None:
+        log_topk_metrics(self, self.val_metrics, "val")
+
+    def on_test_start(self) -> None:
+        if not any(getattr(callback, "evaluates_test_batches", False) for callback in self.trainer.callbacks):
+            raise ConfigError(
+                f"testing {type(self).__name__} needs the beam-search evaluation callback: add "
+                f"`- class_path: callbacks.BeamSearchEvaluator` to trainer.callbacks ({self.configs_with_evaluator} "
+                "have it)"
+            )
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        """Ranks a test batch; :class:`callbacks.BeamSearchEvaluator` turns the results into metrics and top-K lists."""
+        return self.rank_items(batch)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Serving: ``user`` ``[B]`` catalogue rows, their top ``items`` ``[B, eval_top_k]`` and beam log-``scores``.
+
+        The user's history is excluded under ``mask_history``; slots without a valid item hold ``-1`` / ``-inf``.
+        """
+        result = self.rank_items(batch)
+        return {"user": batch["user"], "items": result.items, "scores": result.scores}
 
 
 class IDRecommender(L.LightningModule):

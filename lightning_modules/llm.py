@@ -31,7 +31,6 @@ validation logs ``val/hr@10`` etc. from the module, the final test is run by :cl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from typing import Any, Literal
 
@@ -41,8 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from datamodules.errors import ConfigError
-from lightning_modules.base import CheckpointMismatchError, check_dataset_fingerprint, log_topk_metrics
+from lightning_modules.base import BeamRanker, CheckpointMismatchError, check_dataset_fingerprint
 from lightning_modules.components.code_embeddings import code_rows
 from lightning_modules.components.code_logprob import trie_code_rows, trie_level_logits
 from lightning_modules.components.code_view import causal_lm_of
@@ -80,7 +78,7 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-class GenerativeRecommender(L.LightningModule):
+class GenerativeRecommender(BeamRanker, L.LightningModule):
     """A causal LLM that names the next item by its code tokens.
 
     Args:
@@ -434,43 +432,9 @@ class GenerativeRecommender(L.LightningModule):
         return beam_eval_batch(self.model, self.tokenizer, self.code_trie, batch, self.decoding, cold, slots)
 
     @property
-    def mask_history(self) -> bool:
-        """Whether the beam search excludes the batch's seen items (the cache writer sets it from ``exclude_seen``)."""
-        return self.decoding.mask_history
-
-    @mask_history.setter
-    def mask_history(self, value: bool) -> None:
-        self.decoding = dataclasses.replace(self.decoding, mask_history=bool(value))
-
-    @property
     def renormalize_codes(self) -> bool:
         """Beam search renormalises over the allowed codes when training did (``code_softmax: trie``)."""
         return self.decoding.renormalize
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(self.rank_items(batch).ranks)
-
-    def on_validation_epoch_end(self) -> None:
-        log_topk_metrics(self, self.val_metrics, "val")
-
-    def on_test_start(self) -> None:
-        if not any(getattr(callback, "evaluates_test_batches", False) for callback in self.trainer.callbacks):
-            raise ConfigError(
-                "testing GenerativeRecommender needs the beam-search evaluation callback: add "
-                "`- class_path: callbacks.BeamSearchEvaluator` to trainer.callbacks (every configs/*/llm.yaml has it)"
-            )
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> BeamBatchResult:
-        """Ranks a test batch; :class:`callbacks.BeamSearchEvaluator` turns the results into metrics and top-K lists."""
-        return self.rank_items(batch)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Serving: ``user`` ``[B]`` catalogue rows, their top ``items`` ``[B, eval_top_k]`` and beam log-``scores``.
-
-        The user's history is excluded under ``mask_history``; slots without a valid item hold ``-1`` / ``-inf``.
-        """
-        result = self.rank_items(batch)
-        return {"user": batch["user"], "items": result.items, "scores": result.scores}
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ The datamodule supplies the token layout: ``vocabulary`` (``size``, ``pad_token_
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datamodules.errors import ConfigError, require
-from lightning_modules.base import check_dataset_fingerprint, log_topk_metrics
+from lightning_modules.base import BeamRanker, check_dataset_fingerprint
 from lightning_modules.components.decoding import BeamBatchResult, DecodingConfig
 from lightning_modules.components.seq2seq_decoding import encoder_decoder_eval_batch
 from lightning_modules.components.trie import CodeTrie
@@ -48,7 +47,7 @@ TIGER_T5 = {
 }
 
 
-class Seq2SeqRecommender(L.LightningModule):
+class Seq2SeqRecommender(BeamRanker, L.LightningModule):
     """A T5 encoder-decoder that names the next item by its code tokens (see the module docstring).
 
     Args:
@@ -66,6 +65,7 @@ class Seq2SeqRecommender(L.LightningModule):
 
     #: T5Config fields of a model built from scratch, under ``t5_config``.
     default_t5: dict[str, Any] = TIGER_T5
+    configs_with_evaluator = "configs/*/tiger.yaml"
 
     def __init__(
         self,
@@ -171,37 +171,6 @@ class Seq2SeqRecommender(L.LightningModule):
         return encoder_decoder_eval_batch(
             self.model, self.code_trie, batch, self.decoding, self.pad_token_id, self.pad_token_id
         )
-
-    @property
-    def mask_history(self) -> bool:
-        """Whether the beam search excludes the batch's seen items (the cache writer sets it from ``exclude_seen``)."""
-        return self.decoding.mask_history
-
-    @mask_history.setter
-    def mask_history(self, value: bool) -> None:
-        self.decoding = dataclasses.replace(self.decoding, mask_history=bool(value))
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(self.rank_items(batch).ranks)
-
-    def on_validation_epoch_end(self) -> None:
-        log_topk_metrics(self, self.val_metrics, "val")
-
-    def on_test_start(self) -> None:
-        if not any(getattr(callback, "evaluates_test_batches", False) for callback in self.trainer.callbacks):
-            raise ConfigError(
-                f"testing {type(self).__name__} needs the beam-search evaluation callback: add "
-                "`- class_path: callbacks.BeamSearchEvaluator` to trainer.callbacks (configs/*/tiger.yaml have it)"
-            )
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> BeamBatchResult:
-        """Ranks a test batch; :class:`callbacks.BeamSearchEvaluator` turns the results into metrics and top-K lists."""
-        return self.rank_items(batch)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """``user`` ``[B]`` rows, their top ``items`` ``[B, eval_top_k]`` and beam log-``scores``."""
-        result = self.rank_items(batch)
-        return {"user": batch["user"], "items": result.items, "scores": result.scores}
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
