@@ -158,7 +158,8 @@ class ItemDataModule(RecDataModule):
         seed: seed of the RecDataModule (shuffling is Lightning's).
         cold_items: items held out of every fit (see :class:`datamodules.base.RecDataModule`).
         embeddings: behaviour embeddings: an artifact directory (``item_embeddings.pt`` + ``manifest.json``)
-            or a bare ``[num_items, dim]`` ``.pt`` / ``.npy`` file.
+            or a bare ``[num_items, dim]`` ``.pt`` / ``.npy`` file (also the LLM embeddings' cache
+            ``<llm_cache_dir>/llm_embeddings.pt``, computed first: a codebook over item text embeddings, as LC-Rec's).
         llm_path: local Hugging Face model directory (tokenizer + weights) for the LLM embeddings; None
             disables them (every item then counts as without text).
         llm_cache_dir: cache of the LLM embeddings (default ``artifacts/llm_embeddings/<dataset>``).
@@ -230,7 +231,6 @@ class ItemDataModule(RecDataModule):
         if self.item_embeddings is not None:
             return
         catalogue = self.catalogue
-        self.behaviour_embeddings, self.embedding_source = load_item_embeddings(self.embeddings, catalogue)
         n = catalogue.num_items
         texts = item_texts(catalogue.item_text, n, self.text_fields)
         _, train_items = LeaveLastOutSplit(catalogue, self.max_history).train_interactions()
@@ -250,6 +250,9 @@ class ItemDataModule(RecDataModule):
             if self.llm_path is not None:
                 log.warning("%s has no item text; LLM embeddings are skipped (every item lacks text)", catalogue.name)
             self.llm_embeddings, self.has_text = torch.zeros(n, 0), torch.zeros(n, dtype=torch.bool)
+        # read after the LLM embeddings: `embeddings` may be their cache file (LC-Rec quantises the text embeddings,
+        # configs/industrial/codebook_lcrec.yaml), which a first run writes just above
+        self.behaviour_embeddings, self.embedding_source = load_item_embeddings(self.embeddings, catalogue)
         without = n - int(self.has_text.sum())
         if self.llm_path is not None and without:
             log.info(

@@ -82,6 +82,11 @@ def _scaled(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.nda
     return np.concatenate([np.tile(rows, repeats), rng.choice(rows, rest, replace=False)])
 
 
+def char_counts(texts: list[str]) -> np.ndarray:
+    """``[len(texts)]`` character count of each text."""
+    return np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+
+
 def left_padded(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` ``[B, T]`` of prompts left-padded to the longest (generation layout)."""
     width = max(len(ids) for ids in prompt_ids)
@@ -95,6 +100,10 @@ def left_padded(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.T
 
 class PromptTasks:
     """Sources of the four alignment tasks, the epoch plan, and batch rendering / tokenization.
+
+    A task preset (e.g. :class:`datamodules.lcrec_tasks.LCRecTasks`) subclasses it with its own ``TASK_NAMES``,
+    ``_build_sources``, ``_plan_parts``, ``_task_source_lengths`` and ``render``; the plan, the tokenization, the
+    batches and the evaluation prompts are this class's.
 
     Args:
         catalogue: the dataset.
@@ -113,6 +122,9 @@ class PromptTasks:
             wording's marginal stays uniform), so they share the prompt up to the question. The loss of every
             sample is unchanged.
     """
+
+    #: the preset's task names, indexed by the plan's task ids (``dropped`` counts per task in this order)
+    TASK_NAMES: tuple[str, ...] = TASKS
 
     def __init__(
         self,
@@ -139,22 +151,27 @@ class PromptTasks:
         cold = np.union1d(cold_items_of(catalogue), item_index.cold_start_items())
         self.cold_items = cold[cold < catalogue.num_items]
         self.negative_pool = np.setdiff1d(np.arange(catalogue.num_items), self.cold_items) if cold.size else None
-        if (
-            weights.negative > 0
-            and negative_ratio > 0
-            and (np.bincount(self.keys // catalogue.num_items) >= catalogue.num_items).any()
-        ):
-            raise ValueError(
-                "a user interacted with every item in training, so no negative item exists; set negative_ratio: 0"
-            )
-        self._build_text_pairs()
-        self._build_queries()
+        self._build_sources()
         self.tokenizer = None
         self._source_lengths: tuple[np.ndarray, ...] | None = None
         self.epoch = -1
         self.set_epoch(0)
 
     # ---------------------------------------------------------------------------------------- sources
+    def _build_sources(self) -> None:
+        """The tasks' source tables (text pairs, queries); negatives need a user who lacks some item."""
+        catalogue = self.catalogue
+        if (
+            self.weights.negative > 0
+            and self.negative_ratio > 0
+            and (np.bincount(self.keys // catalogue.num_items) >= catalogue.num_items).any()
+        ):
+            raise ValueError(
+                "a user interacted with every item in training, so no negative item exists; set negative_ratio: 0"
+            )
+        self._build_text_pairs()
+        self._build_queries("the query-alignment task" if self.weights.query > 0 else None)
+
     def _build_text_pairs(self) -> None:
         self.texts: dict[str, list[str]] = {
             "title": [""] * self.catalogue.num_items,
@@ -176,13 +193,14 @@ class PromptTasks:
         if self.weights.text > 0 and not items:
             log.info("%s has no item text: the text-alignment task is skipped", self.catalogue.name)
 
-    def _build_queries(self) -> None:
-        """Reviews of training interactions only (``items[:-2]``, never a validation or test target)."""
+    def _build_queries(self, task: str | None) -> None:
+        """Reviews of training interactions only (``items[:-2]``, never a validation or test target); ``task``
+        names the task that uses them in the log line of a dataset without reviews (None: not used, no line)."""
         reviews = {key: text.strip() for key, text in (self.catalogue.reviews or {}).items() if text and text.strip()}
         num_items = self.catalogue.num_items
         if not reviews:
-            if self.weights.query > 0:
-                log.info("%s has no reviews: the query-alignment task is skipped", self.catalogue.name)
+            if task is not None:
+                log.info("%s has no reviews: %s is skipped", self.catalogue.name, task)
             self.query_item, self.query_text = np.zeros(0, dtype=np.int64), []
             return
         pairs = np.array(list(reviews), dtype=np.int64)
@@ -205,6 +223,20 @@ class PromptTasks:
         if epoch == self.epoch:
             return
         rng = np.random.default_rng((self.seed, epoch))
+        parts = self._plan_parts(rng)
+        self.task = np.concatenate([np.full(len(rows), task, dtype=np.int64) for task, rows, _ in parts])
+        self.source = np.concatenate([rows for _, rows, _ in parts])
+        self.item = np.concatenate([items for _, _, items in parts])
+        self.template = rng.integers(0, TEMPLATE_DRAW, len(self.task))
+        self.counts = {self.TASK_NAMES[task]: len(rows) for task, rows, _ in parts}
+        if self.pack:
+            self._plan_packs(rng)
+        if self.epoch < 0:
+            log.info("alignment tasks per epoch: %s (negative ratio 1:%d)", self.counts, self.negative_ratio)
+        self.epoch = epoch
+
+    def _plan_parts(self, rng: np.random.Generator) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """``(task id, source rows, response items)`` of each task for one epoch, drawn from ``rng``."""
         weights = self.weights
         train_rows = np.arange(len(self.split.train))
         sequential = _scaled(train_rows, weights.sequential, rng)
@@ -214,22 +246,12 @@ class PromptTasks:
         )
         text = _scaled(np.arange(len(self.text_item)), weights.text, rng)
         query = _scaled(np.arange(len(self.query_item)), weights.query, rng)
-        parts = [
+        return [
             (SEQUENTIAL_TASK, sequential, self.train_targets[sequential]),
             (NEGATIVE_TASK, negative, negative_items),
             (TEXT_TASK, text, self.text_item[text]),
             (QUERY_TASK, query, self.query_item[query]),
         ]
-        self.task = np.concatenate([np.full(len(rows), task, dtype=np.int64) for task, rows, _ in parts])
-        self.source = np.concatenate([rows for _, rows, _ in parts])
-        self.item = np.concatenate([items for _, _, items in parts])
-        self.template = rng.integers(0, TEMPLATE_DRAW, len(self.task))
-        self.counts = {TASKS[task]: len(rows) for task, rows, _ in parts}
-        if self.pack:
-            self._plan_packs(rng)
-        if self.epoch < 0:
-            log.info("alignment tasks per epoch: %s (negative ratio 1:%d)", self.counts, self.negative_ratio)
-        self.epoch = epoch
 
     def _plan_packs(self, rng: np.random.Generator) -> None:
         """Group the plan into packs (``self.pack`` training prefixes of one user each) and align templates."""
@@ -287,19 +309,7 @@ class PromptTasks:
         (about a Llama-2 token). Only the order of the lengths matters.
         """
         if self._source_lengths is None:
-            train = self.split.train
-            history = np.minimum(train.target_pos - self.catalogue.offsets[train.user], self.split.max_history)
-            behaviour = history * (self.item_index.tokens_per_item + 2)
-            chars = {
-                name: np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-                for name, texts in self.texts.items()
-            }
-            field_chars = np.stack(
-                [chars[prompt_field or response_field] for _, prompt_field, response_field in TEXT_KINDS]
-            )
-            text = field_chars[self.text_kind, self.text_item] // 4
-            query = np.fromiter(map(len, self.query_text), dtype=np.int64, count=len(self.query_text)) // 4
-            self._source_lengths = (behaviour, behaviour, text, query)  # indexed by task id
+            self._source_lengths = self._task_source_lengths()
         lengths = np.zeros(len(self.task), dtype=np.int64)
         for task, per_source in enumerate(self._source_lengths):
             rows = self.task == task
@@ -316,6 +326,22 @@ class PromptTasks:
         )
         # a text/query pack shares only the frame: its samples' lengths add up
         return np.where(self.pack_prefixes > 0, behaviour, np.add.reduceat(lengths[self.pack_rows], starts))
+
+    def behaviour_lengths(self) -> np.ndarray:
+        """Rough prompt tokens of every training prefix: its history's items x (code tokens + separator)."""
+        train = self.split.train
+        history = np.minimum(train.target_pos - self.catalogue.offsets[train.user], self.split.max_history)
+        return history * (self.item_index.tokens_per_item + 2)
+
+    def _task_source_lengths(self) -> tuple[np.ndarray, ...]:
+        """Per task id, the rough token count of each of its source rows (see :meth:`approx_lengths`)."""
+        behaviour = self.behaviour_lengths()
+        chars = {name: char_counts(texts) for name, texts in self.texts.items()}
+        field_chars = np.stack(
+            [chars[prompt_field or response_field] for _, prompt_field, response_field in TEXT_KINDS]
+        )
+        text = field_chars[self.text_kind, self.text_item] // 4
+        return behaviour, behaviour, text, char_counts(self.query_text) // 4
 
     # ------------------------------------------------------------------------------------- rendering
     def history_text(self, history: np.ndarray) -> str:
@@ -410,7 +436,7 @@ class PromptTasks:
             "attention_mask": attention,
             "labels": labels,
             "task": torch.from_numpy(tasks[keep]),
-            "dropped": torch.from_numpy(np.bincount(tasks[~fits], minlength=len(TASKS))),
+            "dropped": torch.from_numpy(np.bincount(tasks[~fits], minlength=len(self.TASK_NAMES))),
         }
 
     def packed_batch(self, packs: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -427,7 +453,7 @@ class PromptTasks:
         batch = collate_packs(trees, self.tokenizer.pad_token_id)
         batch.update(
             task=torch.from_numpy(tasks[fits]),
-            dropped=torch.from_numpy(np.bincount(tasks[~fits], minlength=len(TASKS))),
+            dropped=torch.from_numpy(np.bincount(tasks[~fits], minlength=len(self.TASK_NAMES))),
         )
         return batch
 

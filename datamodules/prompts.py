@@ -9,6 +9,9 @@ Training batches mix the paper's alignment tasks (see :mod:`datamodules.prompt_t
 * **text alignment**: codes -> title / description and title / description -> codes (items with text);
 * **query alignment**: a review of a *training* interaction -> the reviewed item's codes (datasets with reviews).
 
+``task_preset: lcrec`` trains on LC-Rec's task set and wording instead (:mod:`datamodules.lcrec_tasks`: seqrec,
+item2index, index2item, fusionseqrec, itemsearch); the batches and the evaluation prompts are the same.
+
 Batch formats::
 
     train: input_ids [B, T] (right-padded), attention_mask, labels (-100 except response + EOS), task [B], dropped [4]
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.base import RecDataModule, Source, _identity_collate
 from datamodules.errors import require
 from datamodules.item_index import ItemIndex, load_item_index
+from datamodules.lcrec_tasks import LCRecTasks, LCRecTaskWeights
 from datamodules.predict_prompts import PredictPrompts, read_user_list
 from datamodules.prompt_tasks import PromptTasks, TaskWeights
 from datamodules.split import SampleIndex
@@ -42,6 +46,7 @@ from datamodules.synthetic import SyntheticSpec
 log = logging.getLogger(__name__)
 
 Preset = Literal["all", "behaviour_only"]
+TaskPreset = Literal["paper", "lcrec"]
 # The instruction templates alone take ~50 Llama tokens: a shorter limit would drop every training sample.
 MIN_MAX_LENGTH = 64
 PRESETS = {"all": TaskWeights(), "behaviour_only": TaskWeights(sequential=1.0, negative=1.0, text=0.0, query=0.0)}
@@ -157,6 +162,11 @@ class PromptDataModule(RecDataModule):
             ``batch_size`` then counts packs. Needs an attention implementation that takes a 4-D mask (SDPA or
             eager, not flash-attention-2).
         predict_users: a file of original user ids (one a line) that ``lightning predict`` covers; None = every user.
+        task_preset: the task set: ``paper`` (sequential, negative, text, query; weighted by ``tasks`` / ``preset``)
+            or ``lcrec`` (LC-Rec's seqrec, item2index, index2item, fusionseqrec, itemsearch with its prompt wording,
+            :mod:`datamodules.lcrec_tasks`; weighted by ``lcrec_tasks``; no negatives, no packing).
+        lcrec_tasks: per-task weights of the ``lcrec`` preset (:class:`datamodules.lcrec_tasks.LCRecTaskWeights`);
+            None = every task at weight 1.
     """
 
     def __init__(
@@ -183,6 +193,8 @@ class PromptDataModule(RecDataModule):
         group_by_length: bool = True,
         pack_prompts: int = 0,
         predict_users: str | None = None,
+        task_preset: TaskPreset = "paper",
+        lcrec_tasks: LCRecTaskWeights | None = None,
     ) -> None:
         super().__init__(
             data_dir,
@@ -208,6 +220,21 @@ class PromptDataModule(RecDataModule):
         require(max_length >= MIN_MAX_LENGTH, field + "max_length", f">= {MIN_MAX_LENGTH} tokens", max_length)
         require(pack_prompts >= 0, field + "pack_prompts", ">= 0 (0 = no packing)", pack_prompts)
         require(eval_max_users is None or eval_max_users >= 1, field + "eval_max_users", ">= 1 or null", eval_max_users)
+        require(task_preset in ("paper", "lcrec"), field + "task_preset", "paper or lcrec", task_preset)
+        if task_preset == "lcrec":
+            # the paper preset's knobs have no meaning for LC-Rec's tasks: refuse them rather than ignore them
+            paper_only = {"tasks": tasks, "preset": preset}
+            for name, value in paper_only.items():
+                require(value is None, field + name, "unset with task_preset: lcrec (weights: lcrec_tasks)", value)
+            require(
+                negative_ratio == 0,
+                field + "negative_ratio",
+                "0 with task_preset: lcrec (no negative task)",
+                negative_ratio,
+            )
+            require(pack_prompts == 0, field + "pack_prompts", "0 with task_preset: lcrec", pack_prompts)
+        else:
+            require(lcrec_tasks is None, field + "lcrec_tasks", "unset unless task_preset: lcrec", lcrec_tasks)
         self.index = index
         self.dedupe_collisions = dedupe_collisions
         self.task_weights = PRESETS[preset] if preset is not None else (tasks or TaskWeights())
@@ -218,6 +245,8 @@ class PromptDataModule(RecDataModule):
         self.group_by_length = group_by_length
         self.pack_prompts = pack_prompts
         self.predict_users = predict_users
+        self.task_preset = task_preset
+        self.lcrec_weights = lcrec_tasks or LCRecTaskWeights()
         self.item_index: ItemIndex | None = None
         self.prompts: PromptTasks | None = None
 
@@ -235,16 +264,21 @@ class PromptDataModule(RecDataModule):
                 self.item_index.codebook_size,
                 self.item_index.new_items,
             )
-            self.prompts = PromptTasks(
-                self.catalogue,
-                self.split,
-                self.item_index,
-                self.task_weights,
-                self.negative_ratio,
-                self.max_length,
-                self.seed,
-                pack=self.pack_prompts,
-            )
+            if self.task_preset == "lcrec":
+                self.prompts = LCRecTasks(
+                    self.catalogue, self.split, self.item_index, self.lcrec_weights, self.max_length, self.seed
+                )
+            else:
+                self.prompts = PromptTasks(
+                    self.catalogue,
+                    self.split,
+                    self.item_index,
+                    self.task_weights,
+                    self.negative_ratio,
+                    self.max_length,
+                    self.seed,
+                    pack=self.pack_prompts,
+                )
 
     def set_tokenizer(self, tokenizer) -> None:
         """Called by the model once its tokenizer holds the code tokens (and a pad token)."""
