@@ -5,6 +5,7 @@ from datamodules.catalogue import Catalogue, DataFormatError, DatasetStatistics,
 from datamodules.graph import GraphDataModule
 from datamodules.item_index import ItemIndex, load_item_index
 from datamodules.items import ItemDataModule, load_item_embeddings
+from datamodules.p5_prompts import P5DataModule
 from datamodules.prompt_tasks import TaskWeights
 from datamodules.prompts import PromptDataModule
 from datamodules.semantic_ids import SemanticIdDataModule
@@ -20,6 +21,7 @@ __all__ = [
     "ItemDataModule",
     "ItemIndex",
     "LeaveLastOutSplit",
+    "P5DataModule",
     "PromptDataModule",
     "RecDataModule",
     "SemanticIdDataModule",
