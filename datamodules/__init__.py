@@ -6,6 +6,7 @@ from datamodules.graph import GraphDataModule
 from datamodules.item_index import ItemIndex, load_item_index
 from datamodules.items import ItemDataModule, load_item_embeddings
 from datamodules.lcrec_tasks import LCRecTaskWeights
+from datamodules.p5_prompts import P5DataModule
 from datamodules.prompt_tasks import TaskWeights
 from datamodules.prompts import PromptDataModule
 from datamodules.semantic_ids import SemanticIdDataModule
@@ -22,6 +23,7 @@ __all__ = [
     "ItemIndex",
     "LCRecTaskWeights",
     "LeaveLastOutSplit",
+    "P5DataModule",
     "PromptDataModule",
     "RecDataModule",
     "SemanticIdDataModule",

@@ -1,5 +1,5 @@
 """LightningModules: the ID-based recommenders, the codebook tokenizer and the LLM (LoRA SFT, then GRPO), the
-encoder-decoder baselines (TIGER)."""
+encoder-decoder baselines (TIGER, P5)."""
 
 from lightning_modules.base import CheckpointMismatchError, CountingRecommender, IDRecommender
 from lightning_modules.bert4rec import BERT4Rec
@@ -11,7 +11,7 @@ from lightning_modules.metrics import TopKMetrics, rank_in_list, rank_of_target
 from lightning_modules.popularity import MostPopular
 from lightning_modules.rl import PreferenceOptimizer
 from lightning_modules.sasrec import SASRec
-from lightning_modules.seq2seq import TIGER, Seq2SeqRecommender
+from lightning_modules.seq2seq import P5, TIGER, Seq2SeqRecommender
 from lightning_modules.transitions import TransitionCounts
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "GenerativeRecommender",
     "IDRecommender",
     "MostPopular",
+    "P5",
     "PreferenceOptimizer",
     "SASRec",
     "Seq2SeqRecommender",

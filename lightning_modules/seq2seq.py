@@ -1,4 +1,4 @@
-"""Encoder-decoder generative recommenders (T5): TIGER now, one base for P5 later.
+"""Encoder-decoder generative recommenders (T5): TIGER and P5 on one base.
 
 :class:`Seq2SeqRecommender` owns what every encoder-decoder baseline shares: a ``T5ForConditionalGeneration``
 built from a ``T5Config`` in code (or loaded from a local ``model_path``), teacher-forced cross-entropy on the next
@@ -9,7 +9,8 @@ ranking as stage 3). Validation logs ``val/hr@10`` etc. from the module; ``test_
 
 The datamodule supplies the token layout: ``vocabulary`` (``size``, ``pad_token_id``, ``eos_token_id``) and
 ``item_token_ids()`` (``[num_items, T]`` decoder tokens of every item), as
-:class:`datamodules.semantic_ids.SemanticIdDataModule` does.
+:class:`datamodules.semantic_ids.SemanticIdDataModule` (TIGER) and :class:`datamodules.p5_prompts.P5DataModule` (P5)
+do.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ TIGER_T5 = {
     "feed_forward_proj": "relu",
 }
 
+#: t5-small, P5-small's backbone (Geng et al., 2022, implementation details; Raffel et al., 2020): 6 encoder and 6
+#: decoder layers, 8 heads of 64, model width 512, MLP 2048, ReLU, dropout 0.1.
+T5_SMALL = {
+    "d_model": 512,
+    "d_kv": 64,
+    "d_ff": 2048,
+    "num_layers": 6,
+    "num_decoder_layers": 6,
+    "num_heads": 8,
+    "dropout_rate": 0.1,
+    "feed_forward_proj": "relu",
+}
+
 
 class Seq2SeqRecommender(BeamRanker, L.LightningModule):
     """A T5 encoder-decoder that names the next item by its code tokens (see the module docstring).
@@ -66,6 +80,8 @@ class Seq2SeqRecommender(BeamRanker, L.LightningModule):
     #: T5Config fields of a model built from scratch, under ``t5_config``.
     default_t5: dict[str, Any] = TIGER_T5
     configs_with_evaluator = "configs/*/tiger.yaml"
+    #: give a loaded ``model_path`` T5 embedding rows for tokens beyond its vocabulary (added to its tokenizer)
+    grow_embeddings = False
 
     def __init__(
         self,
@@ -125,6 +141,8 @@ class Seq2SeqRecommender(BeamRanker, L.LightningModule):
         }
         if hp.model_path is not None:
             model = T5ForConditionalGeneration.from_pretrained(hp.model_path)
+            if model.config.vocab_size < vocabulary.size and self.grow_embeddings:
+                model.resize_token_embeddings(vocabulary.size)  # rows for the tokens the tokenizer added
             if model.config.vocab_size < vocabulary.size:
                 raise ConfigError(
                     f"model.init_args.model_path {hp.model_path} has {model.config.vocab_size} token rows but the "
@@ -229,3 +247,50 @@ class TIGER(Seq2SeqRecommender):
         mask_history: bool = False,
     ) -> None:
         super().__init__(model_path, t5_config, lr, weight_decay, warmup_steps, num_beams, eval_top_k, mask_history)
+
+
+class P5(Seq2SeqRecommender):
+    """P5 (Geng et al., 2022) for sequential recommendation, with P5-ID's item indexing (Hua et al., 2023).
+
+    A T5 reads P5's sequential prompt (a template filled with the user and the history's item ids) and generates
+    the next item's id tokens, then EOS (:class:`datamodules.p5_prompts.P5DataModule`: ``cid`` collaborative
+    indexing by default, ``sequential`` and ``random`` as options). Built from ``t5_config`` over t5-small's sizes
+    on CPU, or loaded from a local t5-small directory (``model_path``) on GPU, as P5 fine-tunes t5-small; its
+    token embeddings grow to the tokenizer's added id tokens, as P5-ID resizes them. Evaluation is this project's
+    trie-constrained beam search over the valid item ids, so every returned item is valid (P5 drops invalid
+    generations). Recipe deviations: sequential prompts only (P5 trains five task families jointly), no whole-word
+    embedding (P5's ``--whole_word_embed``), and AdamW with linear warm-up and cosine decay (P5: linear decay).
+
+    Args:
+        model_path: local Hugging Face T5 directory (e.g. t5-small); exclusive with ``t5_config``.
+        t5_config: ``transformers.T5Config`` fields over t5-small's (6+6 layers, 8 heads of 64, d_model 512,
+            d_ff 2048, dropout 0.1).
+        lr: AdamW peak learning rate (P5: 1e-3).
+        weight_decay: AdamW weight decay (matrices only).
+        warmup_steps: linear warm-up steps, then cosine decay to 0 at the end of the run.
+        num_beams: beam width of constrained decoding.
+        eval_top_k: items returned per user (at least 10 for HR@10, at most ``num_beams``).
+        mask_history: never recommend items the user already interacted with (excluded inside the search).
+    """
+
+    default_t5 = T5_SMALL
+    configs_with_evaluator = "configs/*/p5.yaml"
+    grow_embeddings = True  # the id tokens P5DataModule adds to a pretrained T5's tokenizer (as P5-ID does)
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        t5_config: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        num_beams: int = 20,
+        eval_top_k: int = 20,
+        mask_history: bool = False,
+    ) -> None:
+        super().__init__(model_path, t5_config, lr, weight_decay, warmup_steps, num_beams, eval_top_k, mask_history)
+
+    def setup(self, stage: str) -> None:
+        if not hasattr(self.trainer.datamodule, "prompts"):
+            raise ConfigError("P5 reads text prompts: set `data.class_path: datamodules.P5DataModule`")
+        super().setup(stage)
