@@ -156,7 +156,9 @@ class P5Samples(Dataset):
         separators: the history separators drawn from.
         with_seen: add ``seen_rows``/``seen_items`` (evaluation).
         with_target: add ``labels``/``target_item`` (not when serving).
-        seed: seed of the template and separator draws (training), re-drawn at every batch.
+        seed: seed of the template and separator draws (training). Each batch draws from a generator seeded by
+            ``seed`` and the batch's rows, so draws do not depend on DataLoader workers or on resuming, and differ
+            between epochs as the shuffled batches do.
     """
 
     def __init__(
@@ -176,7 +178,7 @@ class P5Samples(Dataset):
         self.split, self.index, self.rows, self.prompts, self.tokenizer = split, index, rows, prompts, tokenizer
         self.item_tokens, self.templates, self.separators = item_tokens, templates, separators
         self.with_seen, self.with_target = with_seen, with_target
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -186,8 +188,9 @@ class P5Samples(Dataset):
         samples = self.rows[rows]
         pad = self.split.catalogue.pad_item
         histories = self.split.histories(self.index, samples)
-        templates = self.rng.integers(len(self.templates), size=len(samples)) if len(self.templates) > 1 else None
-        separators = self.rng.integers(len(self.separators), size=len(samples)) if len(self.separators) > 1 else None
+        rng = np.random.default_rng([self.seed, *rows.tolist()])
+        templates = rng.integers(len(self.templates), size=len(samples)) if len(self.templates) > 1 else None
+        separators = rng.integers(len(self.separators), size=len(samples)) if len(self.separators) > 1 else None
         return [
             self.prompts.prompt(
                 int(user),
