@@ -9,11 +9,12 @@ training step by a GRPO step over the training prefixes of :class:`datamodules.r
 1. **rollouts**: for each prompt a group of ``G = group_size`` items from the trie-constrained decoder
    (:mod:`lightning_modules.components.rollouts`): the top ``G`` distinct items of the beam search (``rollout:
    beam``, MiniOneRec 2025) or ``G`` samples (``rollout: sample``, explicit temperature / top-k / top-p);
-2. **rewards** (:mod:`lightning_modules.components.rewards`, weights in ``rewards``): exact hit, rank-aware hit
-   credit ``1/log2(position + 2)`` (MiniOneRec), and the paper's negative behaviour as penalties (a rollout that is
-   one of the user's sampled negatives; cosine distance to the history in the stage-1 DCCF space);
+2. **rewards** (:mod:`lightning_modules.components.rewards`, weights in ``rewards``): exact hit, MiniOneRec's
+   ranking penalty (in a group that holds the target, each wrong rollout loses its NDCG discount's share), and the
+   paper's negative behaviour as penalties (a rollout that is one of the user's sampled negatives; cosine distance to
+   the history in the stage-1 DCCF space);
 3. **objective** (:mod:`lightning_modules.components.grpo`, DeepSeekMath 2024): advantages ``A_i = (r_i - mean r) /
-   (std r + eps)`` within each group, then minimise
+   (std r + eps)`` within each group (``scale_advantages: false``: ``r_i - mean r``, Dr. GRPO), then minimise
 
        -1/N sum_i 1/T sum_t [ min(rho_it A_i, clip(rho_it, 1 - clip_eps, 1 + clip_eps) A_i) - kl_coef KL_it ]
        rho_it = exp(logp_it - logp_old_it),   KL_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1   (k3)
@@ -106,6 +107,8 @@ class PreferenceOptimizer(GenerativeRecommender):
         sample_top_k: keep the ``k`` most likely allowed tokens per sampling step, 0 = all (``rollout: sample``).
         sample_top_p: nucleus mass of sampling, 1.0 = all (``rollout: sample``).
         clip_eps: PPO/GRPO ratio clipping range.
+        scale_advantages: divide each group's centred rewards by their std (GRPO) or not (Dr. GRPO: the reward
+            weights then set each reward's share of the gradient).
         kl_coef: weight ``beta`` of the k3 KL penalty to the reference (DeepSeekMath: 0.04).
         rewards: weight of each reward: ``hit``, ``rank``, ``negative``, ``distance`` (default: hit only).
         negatives_per_prompt: negatives sampled per prompt and step for the ``negative`` reward.
@@ -143,6 +146,7 @@ class PreferenceOptimizer(GenerativeRecommender):
         sample_top_k: int = 0,
         sample_top_p: float = 1.0,
         clip_eps: float = 0.2,
+        scale_advantages: bool = True,
         kl_coef: float = 0.04,
         rewards: RewardWeights | None = None,
         negatives_per_prompt: int = 20,
@@ -378,7 +382,7 @@ class PreferenceOptimizer(GenerativeRecommender):
             ref_logp = item_token_logprobs(reference, input_ids, attention, codes, self.code_trie, renormalize)
         terms = self.reward_terms(batch, items, logp_old.sum(dim=1).view(prompts, group))
         reward = total_reward(terms, self.rewards)
-        advantages = group_advantages(reward, valid)
+        advantages = group_advantages(reward, valid, scale=hp.scale_advantages)
         out = grpo_loss(logp, logp_old, ref_logp, advantages.reshape(-1), valid.reshape(-1), hp.clip_eps, hp.kl_coef)
         count = valid.sum().clamp(min=1)
         logged = {

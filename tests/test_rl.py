@@ -38,6 +38,8 @@ def test_group_advantages_by_hand():
     # row 0: mean 0.25, sample std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5; row 2: mean 0.5, std sqrt(0.5 / 1)
     expected = torch.tensor([[1.5, -0.5, -0.5, -0.5], [0.0] * 4, [math.sqrt(0.5), -math.sqrt(0.5), 0.0, 0.0]])
     torch.testing.assert_close(advantages, expected)
+    unscaled = group_advantages(rewards, valid, scale=False)  # Dr. GRPO: centred only
+    torch.testing.assert_close(unscaled, torch.tensor([[0.75, -0.25, -0.25, -0.25], [0.0] * 4, [0.5, -0.5, 0, 0]]))
     lone = group_advantages(torch.tensor([[3.0, 1.0]]), torch.tensor([[True, False]]))
     assert lone.tolist() == [[0.0, 0.0]]  # one valid rollout: nothing to compare it with
 
@@ -78,12 +80,16 @@ def test_rewards_on_hand_made_groups():
     items = torch.tensor([[4, 7, 9, -1], [3, 5, 6, 8]])
     target = torch.tensor([7, 1])
     assert hit_reward(items, target).tolist() == [[0, 1, 0, 0], [0, 0, 0, 0]]
-    # by score the target 7 is second in row 0 (scores -1 > -2 > -3): credit 1 / log2(1 + 2)
+    # by score row 0 ranks 4, 7 (the target), 9 (-1 > -2 > -3): the wrong rollouts at ranks 0 and 2 lose their NDCG
+    # discount's share of the group's 4 discounts; the missing rollout, the target and row 1 (no hit) get 0
     scores = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -2.0, -3.0, -4.0]])
     rank = rank_reward(items, target, scores)
-    torch.testing.assert_close(rank, torch.tensor([[0.0, 1 / math.log2(3), 0.0, 0.0], [0.0] * 4]))
-    first = rank_reward(items, target, torch.tensor([[-5.0, -0.5, -3.0, 0.0], [0.0] * 4]))  # now ranked first
-    assert first[0, 1].item() == pytest.approx(1.0)
+    total_discount = 1 + 1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)
+    expected = [[-1 / total_discount, 0.0, -1 / math.log2(4) / total_discount, 0.0], [0.0] * 4]
+    torch.testing.assert_close(rank, torch.tensor(expected))
+    first = rank_reward(items, target, torch.tensor([[-5.0, -0.5, -3.0, 0.0], [0.0] * 4]))  # target first, 9, then 4
+    expected = torch.tensor([-1 / math.log2(4), 0.0, -1 / math.log2(3), 0.0]) / total_discount
+    torch.testing.assert_close(first[0], expected)
     negatives = torch.tensor([[9, 1, -1], [8, 3, 8]])
     assert negative_reward(items, negatives).tolist() == [[0, 0, -1, 0], [-1, 0, 0, -1]]
     embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]])
@@ -96,7 +102,7 @@ def test_rewards_on_hand_made_groups():
     total = total_reward(
         {"hit": hit_reward(items, target), "rank": rank, "negative": negative_reward(items, negatives)}, weights
     )
-    assert total[0].tolist() == pytest.approx([0, 1 + 0.5 / math.log2(3), -2, 0])
+    assert total[0].tolist() == pytest.approx([-0.5 / total_discount, 1, -2 - 0.5 / 2 / total_discount, 0])
     with pytest.raises(ValueError, match="rewards.rank must be >= 0"):
         RewardWeights(rank=-1.0)
     with pytest.raises(ValueError, match="every weight is 0"):

@@ -20,13 +20,18 @@ from dataclasses import dataclass
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
     """``A = (r - mean(r)) / (std(r) + eps)`` within each row's valid entries; 0 on invalid entries.
+
+    With ``scale=False`` the advantage is ``r - mean(r)`` (Dr. GRPO, Liu et al. 2025; TRL's ``scale_rewards=False``):
+    a reward's weight then sets its share of the gradient, where dividing by the group's std would blow a small dense
+    penalty up to unit scale in every group whose sparse reward is constant.
 
     Args:
         rewards: ``[B, G]`` one group of rewards per prompt.
         valid: ``[B, G]`` bool, False where the rollout is missing (fewer than ``G`` valid items were found).
         eps: keeps a group of equal rewards at advantage 0 instead of 0 / 0.
+        scale: divide by the group's standard deviation (GRPO) or not (Dr. GRPO).
 
     Returns:
         ``[B, G]`` float advantages. A group with fewer than two valid rollouts carries no comparison: all 0.
@@ -37,7 +42,7 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, eps: float = 1e
     mean = (rewards * weights).sum(dim=1, keepdim=True) / count.clamp(min=1)
     centred = (rewards - mean) * weights
     std = (centred.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
-    advantages = centred / (std + eps)
+    advantages = centred / (std + eps) if scale else centred
     informative = valid & (count >= 2) & (std > 0)  # equal rewards: no preference, advantage exactly 0
     return torch.where(informative, advantages, torch.zeros_like(advantages))
 

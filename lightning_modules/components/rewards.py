@@ -4,9 +4,10 @@ Every function takes ``items`` ``[B, G]`` (one group of rollout items per prompt
 returns float ``[B, G]`` rewards (0 where the item is ``-1``); :func:`total_reward` weighs them.
 
 * ``hit``: 1 when the rollout is the prompt's target item (MiniOneRec's rule-based reward);
-* ``rank``: NDCG-style ``1 / log2(position + 2)`` to the rollout that is the target, ``position`` being its
-  0-based rank in the group by the policy's score (MiniOneRec's ranking-aware reward, here as a credit to the hit:
-  a target the policy already ranks first earns more than one it ranks last);
+* ``rank``: MiniOneRec's ranking-aware reward (``ndcg_rule_reward`` of its ``rl.py``): in a group that holds the
+  target, every other rollout is penalised by ``-(1 / log2(p + 2)) / sum_k 1 / log2(k + 2)`` (``p`` its 0-based rank
+  in the group by the policy's score, ``k`` over the group), so the wrong items ranked above the target lose most;
+  the target and groups without it get 0. Alone it ranks within groups; with ``hit`` it is MiniOneRec's ``ranking``;
 * ``negative``: -1 when the rollout is one of the user's sampled negatives (:func:`datamodules.negatives
   .sample_negatives`, training interactions excluded): the paper's negative-behaviour signal turned into a penalty;
 * ``distance``: minus the cosine distance, in the stage-1 (DCCF) behaviour space, between the rollout's embedding and
@@ -27,7 +28,7 @@ class RewardWeights:
 
     Args:
         hit: weight of the exact-hit reward (rollout == target).
-        rank: weight of the rank-aware hit credit ``1 / log2(position + 2)``.
+        rank: weight of MiniOneRec's ranking penalty of wrong rollouts in groups that hold the target.
         negative: weight of the sampled-negative penalty (the reward is -1 per hit of a negative).
         distance: weight of the behaviour-space distance penalty (needs ``behaviour_embeddings``).
     """
@@ -55,18 +56,26 @@ def hit_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def rank_reward(items: torch.Tensor, target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """``1 / log2(position + 2)`` to the rollout that is the target (0 elsewhere).
+    """MiniOneRec's NDCG-style penalty of the wrong rollouts in groups that hold the target (module docstring).
 
     Args:
         items: ``[B, G]`` rollout items.
         target: ``[B]`` target items.
         scores: ``[B, G]`` the policy's score of each rollout (its summed log-prob); ties keep the group's order.
+
+    Returns:
+        ``[B, G]`` in ``[-1, 0]``; each row with the target sums to ``-(1 - its target's share)``, other rows are 0.
     """
-    scores = torch.where(items >= 0, scores.float(), -float("inf"))
+    valid = items >= 0
+    scores = torch.where(valid, scores.float(), -float("inf"))
     order = scores.argsort(dim=1, descending=True, stable=True)
     ranks = torch.arange(items.shape[1], device=items.device).expand_as(order)
     position = torch.empty_like(order).scatter_(1, order, ranks)
-    return hit_reward(items, target) / torch.log2(position.float() + 2)
+    discount = 1.0 / torch.log2(position.float() + 2)
+    share = discount / (1.0 / torch.log2(ranks[0].float() + 2)).sum()
+    hit = hit_reward(items, target).bool()
+    penalised = hit.any(dim=1, keepdim=True) & ~hit & valid
+    return torch.where(penalised, -share, torch.zeros_like(share))
 
 
 def negative_reward(items: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
