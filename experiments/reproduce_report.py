@@ -2,7 +2,8 @@
 
 Our numbers come from the stage records that ``semconv pipeline`` writes (``<run_dir>/stages/<stage>.json``: test
 metrics, wall time, the command that ran), falling back to a stage's own ``test_metrics.json`` when it has no
-record; the collision rate and token count of a codebook row come from its index artifact's manifest.
+record; the collision rate and token count of a codebook row come from its index artifact's manifest. Over several
+seeds (one run directory each), every row that ran shows once per seed and then as the seeds' mean.
 """
 
 from __future__ import annotations
@@ -76,6 +77,35 @@ def gather(table: Table, root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _mean(values: list[Any]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _mean_row(versions: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """The seeds' mean of one row: metrics over the seeds that finished, wall time, CR and T likewise."""
+    done = [row["metrics"] for row in versions if row["metrics"]]
+    metrics = {key: _mean([found.get(key) for found in done]) for key in done[0]} if done else None
+    count = f"{len(done)} seeds" if len(done) == len(versions) else f"{len(done)} of {len(versions)} seeds"
+    notes = [f"(mean of {count})" if done else None, versions[0]["note"]]
+    mean = {key: _mean([row[key] for row in versions]) for key in ("wall_s", "cr", "tokens")}
+    return {**versions[0], **mean, "metrics": metrics, "command": None, "note": " ".join(filter(None, notes)) or None}
+
+
+def seed_rows(per_seed: list[list[dict[str, Any]]], seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """:func:`gather`'s rows of each seed's run as one list: per row, ``<label> (seed S)`` for each seed (no paper
+    numbers: the label is not the paper's), then their mean under the row's own label; a row not run shows once."""
+    rows = []
+    for versions in zip(*per_seed, strict=True):
+        if versions[0]["stage"] is None:
+            rows.append(versions[0])
+            continue
+        for row, seed in zip(versions, seeds, strict=True):
+            rows.append({**row, "label": f"{row['label']} (seed {seed})", "seed": seed})
+        rows.append(_mean_row(versions))
+    return rows
+
+
 def machine(run_dir: Path, number: int) -> str:
     """The machine of the table's last pipeline run, from its results.json."""
     for path in (run_dir / f"table{number}.results.json", run_dir / "results.json"):
@@ -88,7 +118,7 @@ def machine(run_dir: Path, number: int) -> str:
 
 def budget(table: Table, rows: list[dict[str, Any]]) -> str:
     """Stage 3's budget as it ran (the records' command lines), else as the pipeline file asks."""
-    llm = {stage.name: stage for stage in table.stages if "--data.init_args.index" in stage.args}
+    llm = {stage.name: stage for stage in table.stages if stage.name in table.llm_stages}
     ran = {row["stage"]: row["command"] for row in rows if row["stage"] in llm and row["command"]}
     caps = set()
     for argv in ran.values() if ran else (stage.args for stage in llm.values()):  # what ran, else what will
@@ -112,27 +142,42 @@ def _cell(value: Any, kind: str = "metric") -> str:
     return str(int(value)) if kind == "tokens" else f"{value:.4f}"
 
 
-def render(table: Table, rows: list[dict[str, Any]], root: Path, figure: str | None) -> str:
+def _runs(table: Table, seeds: tuple[int, ...]) -> tuple[str, str, str]:
+    """The heading's seed part, the run directory of the pipeline file(s), and the ``--seed`` flag that ran them."""
+    if not seeds:
+        return "", table.run_dir, ""
+    listed = ", ".join(map(str, seeds))
+    braces = "{" + ",".join(map(str, seeds)) + "}"  # shell brace expansion: seed{42,43}
+    run_dir = table.run_dir if len(seeds) == 1 else f"{Path(table.run_dir).parent.as_posix()}/seed{braces}"
+    return f", seed{'s' if len(seeds) > 1 else ''} {listed}", run_dir, " --seed " + " ".join(map(str, seeds))
+
+
+def render(
+    table: Table, rows: list[dict[str, Any]], root: Path, figure: str | None, seeds: tuple[int, ...] = ()
+) -> str:
     """The table's markdown section between its ``<!-- reproduce:table<N>:<dataset> -->`` markers.
 
     Args:
-        table: the table's rows and stages.
-        rows: :func:`gather`'s rows.
+        table: the table's rows and stages (the first seed's, over several seeds).
+        rows: :func:`gather`'s rows (:func:`seed_rows`' over several seeds).
         root: the directory the pipeline ran in.
         figure: the plot's link from where the markdown goes, or None.
+        seeds: the seeds the rows ran with (default: the table's own ``--seed``, if any).
     """
+    seeds = seeds or (() if table.seed is None else (table.seed,))
+    heading, run_dir, flag = _runs(table, seeds)
     marker = f"reproduce:table{table.number}:{table.dataset.name}"
     metrics, extra = table.metrics, ("cr", "tokens") if table.number == 5 else ()
     header = [table.row_header, *(e.upper() if e == "cr" else "T" for e in extra), *(NAMES[m] for m in metrics)]
     header += [f"paper {'CR' if e == 'cr' else 'T'}" for e in extra] + [f"paper {NAMES[m]}" for m in metrics]
     lines = [
         f"<!-- {marker} -->",
-        f"### {table.title} ({table.dataset.name})",
+        f"### {table.title} ({table.dataset.name}{heading})",
         "",
         f"Ours: {table.dataset.title} (test split); machine: {machine(root / table.run_dir, table.number)}; budget:"
         f" {budget(table, rows)}. Paper: Games, Llama-7B (its Table {table.number}).",
-        f"Pipeline: `{table.run_dir}/table{table.number}.pipeline.yaml` (`python experiments/reproduce.py --table "
-        f"{table.number} --dataset {table.dataset.name} --run`).",
+        f"Pipeline: `{run_dir}/table{table.number}.pipeline.yaml` (`python experiments/reproduce.py --table "
+        f"{table.number} --dataset {table.dataset.name}{flag} --run`).",
         "",
         "| " + " | ".join([*header, "stage", "wall time"]) + " |",
         "|" + "---|" * (len(header) + 2),
@@ -160,6 +205,7 @@ def plot(table: Table, rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Table 4: HR@10 / NDCG@10 vs the negative ratio; Table 5: collision rate / HR@10 vs code levels."""
     if table.number not in (4, 5):
         return None
+    rows = [row for row in rows if row.get("seed") is None]  # over several seeds: their means
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,105 +5,24 @@ llm}.yaml``) plus small override pieces from ``configs/tables/``. A stage is def
 stage that several tables share (the DCCF embeddings, the default codebook, the "Ours" LLM) has the same name,
 configs and arguments in every table's pipeline file, and ``semconv pipeline`` skips it once it is done. Every
 artifact of a table run lives under ``<run_dir>/artifacts/<stage>``, so variant codebooks never overwrite the
-shipped ``artifacts/<dataset>/...`` directories or each other.
+shipped ``artifacts/<dataset>/...`` directories or each other. The stages themselves: experiments/table_stages.py.
+
+Table 1 also runs the generative baselines of issue 25 from their shipped configs: P5 (``p5.yaml``), LC-Rec (its
+own RQ-VAE codebook ``codebook_lcrec``, then ``lcrec.yaml``) and TIGER (``tiger.yaml`` on the default codebook; not
+in the paper). A seed (``build_table(seed=S)``) gives every lightning stage ``--seed_everything S`` and its own
+``run_dir`` (``runs/reproduce/<dataset>/seed<S>``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import yaml
 
 from datamodules.errors import ConfigError
 from experiments.paper_numbers import FOUR, FULL, PAPER
+from experiments.table_stages import DATASETS, REPO, DatasetSpec, Row, StageBuilder, Table
 from lightning_modules.pipeline_spec import Stage
 
-REPO = Path(__file__).resolve().parents[1]
 TABLES = (1, 3, 4, 5, 6, 7, 8)
-PIECES = "configs/tables"
-NOT_IN_FRAMEWORK = "not run (issue 25)"  # P5 and LC-Rec are not models of this framework yet
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A dataset's shipped stage configs: ``configs/<name>/dccf.yaml``, ``codebook.yaml`` and the stage-3 ones.
-
-    Attributes:
-        name: the ``--dataset`` value (and the directory under ``configs/``).
-        title: the dataset as the markdown names it.
-        llm: stage-3 configs, stacked in order.
-        llm_gpu: stage 3 runs on GPUs only (a 7B model); it also needs ``--llm-path`` (a placeholder model path).
-        tiny_llama: a from-scratch LLM directory that a ``python`` stage writes first (its input embeddings
-            align stage 2's codes, stage 3 fine-tunes it).
-    """
-
-    name: str
-    title: str
-    llm: tuple[str, ...]
-    llm_gpu: bool = False
-    tiny_llama: str | None = None
-
-    @property
-    def dccf(self) -> str:
-        return f"configs/{self.name}/dccf.yaml"
-
-    @property
-    def codebook(self) -> str:
-        return f"configs/{self.name}/codebook.yaml"
-
-    def value(self, path: str, *keys: str) -> Any:
-        """A nested value of a shipped config file (None when absent)."""
-        node: Any = yaml.safe_load((REPO / path).read_text(encoding="utf-8"))
-        for key in keys:
-            node = node.get(key) if isinstance(node, dict) else None
-        return node
-
-
-DATASETS = {
-    "industrial": DatasetSpec(
-        "industrial",
-        "Industrial_and_Scientific",
-        ("configs/industrial/llm.yaml",),
-        tiny_llama="artifacts/industrial/tiny_llama",
-    ),
-    "synthetic": DatasetSpec("synthetic", "synthetic", ("configs/synthetic/llm.yaml",)),
-    "games": DatasetSpec("games", "Games", ("configs/llm/lora_7b.yaml", "configs/trainer/gpu.yaml"), llm_gpu=True),
-}
-
-
-@dataclass(frozen=True)
-class Row:
-    """A row: its label as the paper names it, the stage with its test metrics (None: not run, see ``note``), the
-    stage-2 stage whose index gives its collision rate and token count (Table 5), and its abscissa in a plot."""
-
-    label: str
-    stage: str | None
-    codebook: str | None = None
-    note: str | None = None
-    x: float | None = None
-
-
-@dataclass
-class Table:
-    """A table's rows, the stages they need (in run order) and the paper's numbers."""
-
-    number: int
-    title: str
-    dataset: DatasetSpec
-    run_dir: str
-    rows: list[Row]
-    stages: list[Stage]
-    metrics: tuple[str, ...]
-    paper: dict[str, dict[str, Any]]
-    row_header: str = "model"
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def pipeline_name(self) -> str:
-        return f"reproduce_table{self.number}_{self.dataset.name}"
 
 
 def catalogue_size(dataset: DatasetSpec) -> int:
@@ -124,102 +43,6 @@ def catalogue_size(dataset: DatasetSpec) -> int:
     return load_lcrec(directory, data["dataset"]).num_items
 
 
-class StageBuilder:
-    """Builds the stages of one table; each stage name has exactly one definition (see the module docstring).
-
-    Args:
-        dataset: the dataset's shipped configs.
-        run_dir: the pipeline's ``run_dir``, shared by every table of the dataset.
-        steps: cap every stage-3 run at this many optimiser steps (None: the shipped budget).
-        llm_path: a local LLM directory for stage 3 (and for stage 2's LLM embeddings when the codebook config
-            reads one); None keeps the configs' own.
-    """
-
-    def __init__(self, dataset: DatasetSpec, run_dir: str, steps: int | None, llm_path: str | None) -> None:
-        self.dataset, self.run_dir, self.steps, self.llm_path = dataset, run_dir, steps, llm_path
-        self.stages: dict[str, Stage] = {}  # in run order
-        self.codebook_llm_path = dataset.value(dataset.codebook, "data", "init_args", "llm_path") is not None
-        self.shipped_la = float(dataset.value(dataset.codebook, "model", "init_args", "llm_alignment_weight") or 0)
-        data = dataset.value(dataset.dccf, "data", "init_args") or {}
-        # generated data is keyed by the configs themselves; a data directory by its files
-        self.data = () if data.get("source") == "synthetic" else (data["data_dir"],)
-
-    def _add(self, stage: Stage) -> Stage:
-        if self.stages.setdefault(stage.name, stage) != stage:
-            raise AssertionError(f"stage {stage.name!r} is defined twice with different settings")
-        return stage
-
-    def artifact(self, name: str) -> str:
-        return f"{self.run_dir}/artifacts/{name}"
-
-    def tiny_llama(self) -> tuple[str, ...]:
-        """The from-scratch LLM stage when the dataset uses one; returns the inputs it adds to later stages."""
-        if self.dataset.tiny_llama is None or self.llm_path is not None:
-            return ()
-        out = self.dataset.tiny_llama
-        # its output is its artifact: a deleted or changed directory no longer matches the record and is rebuilt
-        self._add(
-            Stage("tiny_llama", "python", args=("--out", out), artifact=out, script="experiments/make_tiny_llama.py")
-        )
-        return (out,)
-
-    def dccf(self) -> Stage:
-        """Stage 1: behaviour embeddings (tested too: the DCCF row of Tables 1 and 8)."""
-        self.tiny_llama()
-        out = self.artifact("dccf")
-        args = ("--trainer.callbacks.init_args.output_dir", out)
-        return self._add(Stage("dccf", "fit", (self.dataset.dccf,), args, self.data, out, "DCCF"))
-
-    def codebook(self, suffix: str = "", pieces: tuple[str, ...] = (), args: tuple[str, ...] = ()) -> Stage:
-        """Stage 2 with override pieces (``configs/tables/<piece>.yaml``); ``suffix`` names the variant."""
-        llm_inputs = self.tiny_llama()
-        dccf = self.dccf()
-        name, out = "codebook" + suffix, self.artifact("codebook" + suffix)
-        args = ("--data.init_args.embeddings", dccf.artifact, "--trainer.callbacks.init_args.output_dir", out, *args)
-        if self.llm_path is not None and self.codebook_llm_path:
-            args += ("--data.init_args.llm_path", self.llm_path)
-        # the paper's behaviour-only input first, so a piece can still turn text grounding back on
-        config = (self.dataset.codebook, *(f"{PIECES}/{piece}.yaml" for piece in ("paper_input", *pieces)))
-        inputs = (dccf.artifact, *llm_inputs, *self.data)
-        return self._add(Stage(name, "fit", config, args, inputs, out))
-
-    def codebook_without_la(self) -> Stage:
-        """The codebook without the LLM alignment loss (Table 3's w/o LA, Table 8's behaviour-only codebook)."""
-        return self.codebook("_no_la", ("wo_la",)) if self.shipped_la > 0 else self.codebook()
-
-    def llm(
-        self,
-        name: str,
-        row: str,
-        codebook: Stage,
-        pieces: tuple[str, ...] = (),
-        args: tuple[str, ...] = (),
-        base: tuple[str, ...] | None = None,
-    ) -> Stage:
-        """Stage 3 on ``codebook``'s index, with override pieces; ``base`` replaces the dataset's stage-3 configs."""
-        out = self.artifact(name)
-        args = ("--data.init_args.index", codebook.artifact, "--trainer.callbacks.init_args.output_dir", out, *args)
-        if self.llm_path is not None and base is None:
-            args += ("--model.init_args.model_path", self.llm_path)
-        if self.steps is not None:
-            args += ("--trainer.max_time", "null", "--trainer.max_steps", str(self.steps))
-        config = (*(base or self.dataset.llm), *(f"{PIECES}/{piece}.yaml" for piece in pieces))
-        inputs = (codebook.artifact, *self.tiny_llama(), *self.data)
-        return self._add(Stage(name, "fit", config, args, inputs, out, row))
-
-    def ours(self) -> Stage:
-        """The paper's full method: the shipped stage-3 config on the shipped codebook."""
-        return self.llm("llm", "Ours", self.codebook())
-
-    def baseline(self, model: str, row: str) -> Stage | None:
-        """A baseline's shipped config (``configs/<dataset>/<model>.yaml``), or None when the dataset has none."""
-        path = f"configs/{self.dataset.name}/{model}.yaml"
-        if not (REPO / path).is_file():
-            return None
-        command = "test" if model == "most_popular" else "fit"  # nothing to train
-        return self._add(Stage(model, command, (path,), (), self.data, None, row))
-
-
 def slug(name: str) -> str:
     """A stage-name-safe form of a row label (``Llama-2-7B`` -> ``llama_2_7b``)."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -230,14 +53,50 @@ def _shipped(dataset: DatasetSpec, path: str, section: str, key: str, default: i
     return default if value is None else int(value)  # None: the module's default
 
 
+MODELS = {  # a Table 1 row's shipped config, configs/<dataset>/<model>.yaml
+    "SASRec": "sasrec",
+    "BERT4Rec": "bert4rec",
+    "FMLP-Rec": "fmlp",
+    "P5": "p5",
+    "LC-Rec": "lcrec",
+    "TIGER": "tiger",
+    "most popular": "most_popular",
+}
+
+
+def _row(b: StageBuilder, label: str, stage: Stage | None) -> Row:
+    """A row of ``stage``; a missing stage is a dataset without the row's shipped config."""
+    missing = f"not run (no configs/{b.dataset.name}/{MODELS.get(label)}.yaml)"
+    return Row(label, stage and stage.name, note=None if stage else missing)
+
+
+def _generative_note(b: StageBuilder, stages: dict[str, Stage | None]) -> str:
+    """What the P5, LC-Rec and TIGER rows run, and which budget (``--steps`` caps only the LLM stage-3 runs)."""
+    name, parts = b.dataset.name, []
+    if stages.get("P5"):
+        parts.append(f"P5: `configs/{name}/p5.yaml` (item ids computed in its setup)")
+    if stages.get("LC-Rec"):
+        own = b.dataset.config("codebook_lcrec")  # else synthetic's recipe: no item text embedding there
+        source = f"`{own}`" if own else f"`{b.dataset.codebook}` + `ed.yaml` + Sinkhorn mapping, over DCCF"
+        parts.append(f"LC-Rec: `codebook_lcrec` ({source}), then `configs/{name}/lcrec.yaml` (a stage-3 LLM run)")
+    if stages.get("TIGER"):
+        parts.append(
+            f"TIGER (not in the paper, so no paper number): `configs/{name}/tiger.yaml` on this run's default "
+            "`codebook`"
+        )
+    budget = "P5 and TIGER train for their shipped budgets (`--steps` caps the LLM stage-3 runs only)"
+    wall = "wall time: the row's own stage (without the codebook stage it reads)"
+    return "; ".join([*parts, budget, wall]) + "."
+
+
 def _table1(b: StageBuilder, table: Table) -> None:
-    ours = b.ours()
-    models = {"SASRec": "sasrec", "BERT4Rec": "bert4rec", "FMLP-Rec": "fmlp", "most popular": "most_popular"}
-    baselines = {label: b.baseline(model, label) for label, model in models.items()}  # None: no shipped config
-    for label in ("SASRec", "BERT4Rec", "FMLP-Rec", "DCCF", "P5", "LC-Rec", "most popular", "Ours"):
-        stage = {"DCCF": b.dccf(), "Ours": ours}.get(label) or baselines.get(label)
-        missing = f"not run (no configs/{b.dataset.name}/{models[label]}.yaml)" if label in models else None
-        table.rows.append(Row(label, stage and stage.name, note=None if stage else missing or NOT_IN_FRAMEWORK))
+    b.ours()  # first: the run order of the shared stages (tiny Llama, DCCF, codebook, Ours) as in every table
+    builders = {"DCCF": b.dccf, "P5": b.p5, "LC-Rec": b.lcrec, "TIGER": b.tiger, "Ours": b.ours}
+    stages: dict[str, Stage | None] = {}
+    for label in ("SASRec", "BERT4Rec", "FMLP-Rec", "DCCF", "P5", "LC-Rec", "TIGER", "most popular", "Ours"):
+        stages[label] = builders[label]() if label in builders else b.baseline(MODELS[label], label)
+        table.rows.append(_row(b, label, stages[label]))
+    table.notes.append(_generative_note(b, stages))
 
 
 def _negatives(b: StageBuilder, ratio: int) -> Stage:
@@ -310,14 +169,20 @@ def _table7(b: StageBuilder, table: Table) -> None:
 def _table8(b: StageBuilder, table: Table) -> None:
     ours, codebook = b.ours(), b.codebook_without_la()
     behaviour = b.llm("llm_behaviour", "behaviour only", codebook, ("behaviour_only",))
-    table.rows += [Row("DCCF", b.dccf().name), Row("P5", None, note=NOT_IN_FRAMEWORK)]
-    table.rows += [Row("LC-Rec", None, note=NOT_IN_FRAMEWORK), Row("Ours", behaviour.name)]
-    table.rows.append(Row("Ours w/ T", ours.name))
+    stages = {"P5": b.p5(), "LC-Rec": b.lcrec()}  # the stages of Table 1's rows
+    table.rows += [Row("DCCF", b.dccf().name), _row(b, "P5", stages["P5"]), _row(b, "LC-Rec", stages["LC-Rec"])]
+    table.rows += [Row("Ours", behaviour.name), Row("Ours w/ T", ours.name)]
     tokenizer = "`wo_la.yaml`" if codebook.name != "codebook" else f"the shipped `{b.dataset.codebook}`"
     table.notes.append(
         f"Ours: sequential + negative tasks only (`behaviour_only.yaml`) on a codebook without LLM alignment "
         f"({tokenizer}); Ours w/ T: every task on the shipped codebook (the Ours row of Tables 3-5, 7)."
     )
+    table.notes.append(_generative_note(b, stages))
+
+
+def run_dir_of(dataset: str, seed: int | None = None) -> str:
+    """The run directory every table of a dataset shares; one per seed, so seeds never share stage records."""
+    return f"runs/reproduce/{dataset}" + ("" if seed is None else f"/seed{seed}")
 
 
 TITLES = {
@@ -338,19 +203,21 @@ def build_table(
     steps: int | None = None,
     llm_path: str | None = None,
     model_dirs: dict[str, str] | None = None,
+    seed: int | None = None,
 ) -> Table:
     """The rows and stages of one table on one dataset.
 
     Args:
         number: the paper's table number (1, 3, 4, 5, 6, 7 or 8).
         dataset: a key of :data:`DATASETS`.
-        run_dir: the pipeline's run directory (default ``runs/reproduce/<dataset>``).
-        steps: optimiser steps per stage-3 run (None: the shipped budget).
+        run_dir: the pipeline's run directory (default :func:`run_dir_of`).
+        steps: optimiser steps per stage-3 LLM run (None: the shipped budget).
         llm_path: a local LLM directory for stages 2-3 (required on Games, whose stage-3 config is for Llama-7B).
         model_dirs: Table 6's rows, ``{name: local model directory}``.
+        seed: ``--seed_everything`` (and DataModule ``seed``) of every lightning stage; None: the configs' own.
 
     Raises:
-        ConfigError: an unknown table or dataset, or a bad ``steps``.
+        ConfigError: an unknown table or dataset, or a bad ``steps`` or ``seed``.
     """
     if number not in TABLES:
         raise ConfigError(
@@ -364,15 +231,18 @@ def build_table(
         )
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps {steps}: must be >= 1 (optimiser steps per stage-3 run), or left out.")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed {seed}: must be in [0, 2**32) (a seed_everything value), or left out.")
     spec = DATASETS[dataset]
-    run_dir = run_dir or f"runs/reproduce/{dataset}"
-    builder = StageBuilder(spec, run_dir, steps, llm_path)
+    run_dir = run_dir or run_dir_of(dataset, seed)
+    builder = StageBuilder(spec, run_dir, steps, llm_path, seed)
     title, header = TITLES[number]
     metrics = FULL if number == 1 else FOUR
-    table = Table(number, title, spec, run_dir, [], [], metrics, PAPER[number], header)
+    table = Table(number, title, spec, run_dir, [], [], metrics, PAPER[number], header, seed=seed)
     if number == 6:
         _table6(builder, table, dict(model_dirs or {}))
     else:
         {1: _table1, 3: _table3, 4: _table4, 5: _table5, 7: _table7, 8: _table8}[number](builder, table)
     table.stages = list(builder.stages.values())
+    table.llm_stages = frozenset(builder.llm_stages)
     return table

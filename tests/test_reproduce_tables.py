@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from datamodules.code_index import INDEX_FILE, KIND
 from experiments import reproduce
 from experiments.tables import DATASETS, TABLES, build_table
 from lightning_modules.cli import build_cli
+from lightning_modules.pipeline_spec import load_pipeline
 from tests.conftest import CONFIGS, REPO, shared_dataset
 
 MODEL_DIRS = {"Llama-7B": "/models/llama-7b", "Llama-13B": "/models/llama-13b"}
@@ -57,11 +59,12 @@ def test_every_stage_of_every_table_parses(number, dataset):
                 callbacks[-1]["init_args"]["output_dir"] == stage.artifact == f"{table.run_dir}/artifacts/{stage.name}"
             )
         data = config["data"]["init_args"]
-        if "--data.init_args.index" in stage.args:  # stage 3: on its codebook, within the step budget
+        if "--data.init_args.index" in stage.args:  # stage 3 and TIGER: on one of the run's codebooks
             assert data["index"] in artifacts.values() and data["index"].split("/")[-1].startswith("codebook")
+        if stage.name in table.llm_stages:  # stage-3 LLM runs: within the step budget
             assert config["trainer"]["max_steps"] == 7 and config["trainer"]["max_time"] is None
-        if stage.name.startswith("codebook"):
-            assert data["embeddings"] == artifacts["dccf"]
+        if stage.name.startswith("codebook") and stage.config[0] != f"configs/{dataset}/codebook_lcrec.yaml":
+            assert data["embeddings"] == artifacts["dccf"]  # LC-Rec's own tokenizer reads text embeddings instead
     assert len({stage.name for stage in table.stages}) == len(table.stages)
     assert all(row.stage is None or row.stage in artifacts for row in table.rows)
 
@@ -103,7 +106,7 @@ def test_rows_train_what_the_paper_varies():
         behaviour["data"]["init_args"]["preset"] == "behaviour_only" and behaviour["data"]["init_args"]["tasks"] is None
     )
     main = {row.label: (row.stage, row.note) for row in _table(1, "industrial").rows}
-    assert main["most popular"] == ("most_popular", None) and main["P5"] == (None, "not run (issue 25)")
+    assert main["most popular"] == ("most_popular", None) and main["P5"] == ("p5", None)
     assert main["BERT4Rec"] == (None, "not run (no configs/industrial/bert4rec.yaml)")
     scale = {s.name: s for s in _table(6, "synthetic").stages}["llm_scale_llama_13b"]
     parsed = _parse(scale, levels.run_dir)
@@ -147,10 +150,10 @@ def test_pipeline_file_follows_the_contract(tmp_path, monkeypatch):
     assert pipeline.load_pipeline(path).stage_names == tuple(s.name for s in table.stages)
 
 
-def _record(root, stage, metrics, wall=90.0, steps=50):
+def _record(root, stage, metrics, wall=90.0, steps=50, run_dir="runs/reproduce/synthetic"):
     command = ["python", "-m", "lightning_modules.cli", "fit", "--trainer.max_steps", str(steps)]
     record = {"key": "k", "status": "done", "command": command, "wall_s": wall, "metrics": metrics}
-    path = root / "runs/reproduce/synthetic/stages" / f"{stage}.json"
+    path = root / run_dir / "stages" / f"{stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
 
@@ -209,7 +212,7 @@ def test_collect_writes_the_numbers_the_records_hold(tmp_path):
     reproduce.collect(build_table(8, "synthetic"), tmp_path, tmp_path / "figures", docs)  # appended after
     document = docs.read_text()
     assert document.index("/reproduce:table4:synthetic") < document.index("reproduce:table8:synthetic -->")
-    assert "| P5 | — | — | — | — | 0.0495 | 0.0789 | 0.0329 | 0.0423 | not run (issue 25) | — |" in document
+    assert "| P5 | — | — | — | — | 0.0495 | 0.0789 | 0.0329 | 0.0423 | `p5` (pending) | — |" in document
     assert "budget: stage 3 capped at 50 optimiser steps per run" in document  # the shared Ours stage ran so
     shipped = reproduce.collect(build_table(3, "synthetic"), tmp_path / "fresh", tmp_path / "figures")
     assert "budget: stage 3 as shipped (`configs/synthetic/llm.yaml`: max_epochs 6); stages 1-2 as shipped" in shipped
@@ -246,6 +249,8 @@ def test_collect_reports_collision_rate_and_added_tokens(tmp_path):
         (["--table", "6", "--dataset", "industrial", "--run"], "--table 6 trains one stage 3 per model"),
         (["--table", "4", "--dataset", "games", "--run"], "pass --llm-path /path/to/llama-7b"),
         (["--table", "3", "--dataset", "industrial", "--docs"], "--docs updates docs/results.md"),
+        (["--table", "1", "--dataset", "industrial", "--seed", "42", "42"], "--seed 42 42: a seed is given twice"),
+        (["--table", "1", "--dataset", "industrial", "--seed", "-1"], "--seed -1: must be in [0, 2**32)"),
     ],
 )
 def test_bad_flags_give_one_clear_error(argv, message, capsys):
@@ -269,3 +274,138 @@ def test_every_stage_config_lists_its_exporter_last(dataset):
     for path in (spec.dccf, spec.codebook, spec.llm[0]):
         callbacks = yaml.safe_load((CONFIGS.parent / path).read_text())["trainer"]["callbacks"]
         assert callbacks[-1]["class_path"].endswith("Exporter"), path
+
+
+@pytest.mark.parametrize("dataset", ["industrial", "synthetic"])
+def test_table1_trains_p5_lcrec_and_tiger_on_the_runs_own_artifacts(dataset):
+    table = _table(1, dataset, steps=7)
+    run, stages = table.run_dir, {stage.name: stage for stage in table.stages}
+    assert [name for name in stages if name in ("p5", "codebook_lcrec", "lcrec", "tiger")] == [
+        "p5",
+        "codebook_lcrec",
+        "lcrec",
+        "tiger",
+    ]
+    assert [stages[name].config for name in ("p5", "lcrec", "tiger")] == [
+        (f"configs/{dataset}/p5.yaml",),
+        (f"configs/{dataset}/lcrec.yaml",),
+        (f"configs/{dataset}/tiger.yaml",),
+    ]
+    rows = {row.label: (row.stage, row.note) for row in table.rows}
+    assert (rows["P5"], rows["LC-Rec"], rows["TIGER"]) == (("p5", None), ("lcrec", None), ("tiger", None))
+    assert "TIGER" not in table.paper and "TIGER (not in the paper, so no paper number)" in table.notes[-1]
+    assert table.llm_stages == {"llm", "lcrec"}  # what --steps caps
+    p5, codebook, lcrec, tiger = (_parse(stages[name], run) for name in ("p5", "codebook_lcrec", "lcrec", "tiger"))
+    assert p5["data"]["init_args"]["export_dir"] == f"{run}/artifacts/p5"  # not the shipped artifacts/<dataset>/...
+    assert codebook["trainer"]["callbacks"][-1]["init_args"]["output_dir"] == f"{run}/artifacts/codebook_lcrec"
+    assert codebook["model"]["init_args"]["variant"] == "rqvae"
+    assert codebook["model"]["init_args"]["collision_mapping"] == "sinkhorn"
+    assert lcrec["data"]["init_args"]["index"] == stages["codebook_lcrec"].artifact == f"{run}/artifacts/codebook_lcrec"
+    assert lcrec["trainer"]["callbacks"][-1]["init_args"]["output_dir"] == f"{run}/artifacts/lcrec"
+    assert lcrec["data"]["init_args"]["task_preset"] == "lcrec" and lcrec["trainer"]["max_steps"] == 7
+    assert tiger["data"]["init_args"]["index"] == stages["codebook"].artifact == f"{run}/artifacts/codebook"
+    assert stages["tiger"].inputs[0] == stages["codebook"].artifact
+    for parsed, model in ((p5, "p5"), (tiger, "tiger")):  # not LLM runs: their shipped budgets, whatever --steps
+        shipped = DATASETS[dataset].value(f"configs/{dataset}/{model}.yaml", "trainer")
+        assert parsed["trainer"]["max_steps"] == -1 and parsed["trainer"]["max_epochs"] == shipped["max_epochs"]
+        assert parsed["trainer"]["max_time"] == shipped.get("max_time")
+    if dataset == "industrial":  # LC-Rec's own tokenizer over the tiny Llama's text embeddings
+        assert stages["codebook_lcrec"].config == ("configs/industrial/codebook_lcrec.yaml",)
+        assert stages["codebook_lcrec"].inputs[0] == "artifacts/industrial/tiny_llama"
+        assert codebook["data"]["init_args"]["embeddings"].endswith("llm_embeddings.pt")
+    else:  # no text embedding: the shipped codebook as an RQ-VAE over DCCF, as configs/synthetic/lcrec.yaml says
+        assert stages["codebook_lcrec"].config[-1] == "configs/tables/ed.yaml"
+        assert codebook["data"]["init_args"]["embeddings"] == stages["dccf"].artifact
+    table8 = _table(8, dataset, steps=7)
+    assert all(stage == stages[stage.name] for stage in table8.stages if stage.name in stages)
+    assert [(row.label, row.stage) for row in table8.rows][1:3] == [("P5", "p5"), ("LC-Rec", "lcrec")]
+
+
+def test_games_table1_has_no_lcrec_config():
+    rows = {row.label: (row.stage, row.note) for row in _table(1, "games").rows}
+    assert rows["LC-Rec"] == (None, "not run (no configs/games/lcrec.yaml)")
+    assert rows["P5"] == ("p5", None) and rows["TIGER"] == ("tiger", None)
+
+
+def test_seed_reaches_every_lightning_stage_in_its_own_run_dir(tmp_path, monkeypatch):
+    table = _table(1, "industrial", seed=43)
+    assert table.run_dir == "runs/reproduce/industrial/seed43" and table.seed == 43
+    for stage in table.stages:
+        if stage.command == "python":  # the tiny Llama seeds itself
+            assert "--seed_everything" not in stage.args
+            continue
+        assert stage.args[-4:] == ("--seed_everything", "43", "--data.init_args.seed", "43"), stage.name
+        assert stage.artifact is None or stage.artifact.startswith("runs/reproduce/industrial/seed43/artifacts/")
+    stages = {stage.name: stage for stage in table.stages}
+    for name in ("p5", "lcrec", "tiger", "most_popular"):  # fit and test stages, each DataModule
+        parsed = _parse(stages[name], table.run_dir)
+        assert parsed["seed_everything"] == 43 and parsed["data"]["init_args"]["seed"] == 43
+    assert {stage.name: stage for stage in _table(1, "industrial").stages}["sasrec"].args == ()  # no --seed: as is
+    assert reproduce.parse_args(["--table", "1", "--dataset", "industrial", "--seed", "42", "43"]).seed == [42, 43]
+    assert reproduce.parse_args(["--table", "1", "--dataset", "industrial", "--seeds", "44"]).seed == [44]
+    monkeypatch.chdir(REPO)  # the pipeline files' config paths are relative to the repository
+    for built in (table, _table(1, "industrial"), _table(1, "synthetic", seed=44)):
+        path = reproduce.write_pipeline(built, tmp_path)
+        assert path == tmp_path / built.run_dir / "table1.pipeline.yaml"
+        pipeline = load_pipeline(path)
+        assert pipeline.stages == tuple(built.stages) and pipeline.run_dir == Path(built.run_dir)
+
+
+def test_collect_table1_shows_the_generative_rows_and_wall_time(tmp_path):
+    for stage, hr10, wall in (("p5", 0.08, 60.0), ("lcrec", 0.12, 120.0), ("tiger", 0.06, 30.0), ("llm", 0.1, 600)):
+        _record(tmp_path, stage, _metrics(hr10), wall=wall)
+    markdown = reproduce.collect(build_table(1, "synthetic"), tmp_path, tmp_path / "figures")
+    lines = markdown.splitlines()
+    metrics = "HR@1 | HR@5 | HR@10 | NDCG@5 | NDCG@10"
+    assert f"| model | {metrics} | paper {metrics.replace(' | ', ' | paper ')} | stage | wall time |" in lines
+    assert (
+        "| P5 | 0.0100 | 0.0400 | 0.0800 | 0.0200 | 0.0267 | 0.0158 | 0.0495 | 0.0789 | 0.0329 | 0.0423 | `p5` "
+        "| 1.0 min |" in lines
+    )
+    assert (
+        "| LC-Rec | 0.0100 | 0.0600 | 0.1200 | 0.0300 | 0.0400 | 0.0279 | 0.0755 | 0.1167 | 0.0518 | 0.0651 | `lcrec` "
+        "| 2.0 min |" in lines
+    )
+    assert "| TIGER | 0.0100 | 0.0300 | 0.0600 | 0.0150 | 0.0200 | — | — | — | — | — | `tiger` | 0.5 min |" in lines
+    assert (
+        "| SASRec | — | — | — | — | — | 0.0013 | 0.0296 | 0.0576 | 0.0153 | 0.0243 | `sasrec` (pending) | — |" in lines
+    )
+    assert "budget: stage 3 capped at 50 optimiser steps per run" in markdown  # Ours and LC-Rec; not P5 or TIGER
+    assert "P5 and TIGER train for their shipped budgets" in markdown
+
+
+def test_collect_over_seeds_writes_each_seed_and_their_mean(tmp_path):
+    seed42, seed43 = "runs/reproduce/industrial/seed42", "runs/reproduce/industrial/seed43"
+    _record(tmp_path, "p5", _metrics(0.08), wall=60.0, run_dir=seed42)
+    _record(tmp_path, "p5", _metrics(0.12), wall=180.0, run_dir=seed43)
+    _record(tmp_path, "lcrec", _metrics(0.12), wall=120.0, run_dir=seed42)  # seed 43's still running
+    tables = [build_table(1, "industrial", seed=seed) for seed in (42, 43)]
+    markdown = reproduce.collect(tables, tmp_path, tmp_path / "figures")
+    assert (tmp_path / "runs/reproduce/industrial/table1.seeds_42_43.md").read_text() == markdown
+    lines = markdown.splitlines()
+    assert "### Table 1: main comparison (industrial, seeds 42, 43)" in lines
+    assert (
+        "Pipeline: `runs/reproduce/industrial/seed{42,43}/table1.pipeline.yaml` (`python experiments/reproduce.py "
+        "--table 1 --dataset industrial --seed 42 43 --run`)." in lines
+    )
+    dashes = " | ".join(["—"] * 5)
+    p5 = lines.index(f"| P5 (seed 42) | 0.0100 | 0.0400 | 0.0800 | 0.0200 | 0.0267 | {dashes} | `p5` | 1.0 min |")
+    assert lines[p5 + 1] == f"| P5 (seed 43) | 0.0100 | 0.0600 | 0.1200 | 0.0300 | 0.0400 | {dashes} | `p5` | 3.0 min |"
+    assert lines[p5 + 2] == (
+        "| P5 | 0.0100 | 0.0500 | 0.1000 | 0.0250 | 0.0333 | 0.0158 | 0.0495 | 0.0789 | 0.0329 | 0.0423 "
+        "| `p5` (mean of 2 seeds) | 2.0 min |"
+    )
+    assert lines[p5 + 4] == f"| LC-Rec (seed 43) | {dashes} | {dashes} | `lcrec` (pending) | — |"
+    assert lines[p5 + 5] == (
+        "| LC-Rec | 0.0100 | 0.0600 | 0.1200 | 0.0300 | 0.0400 | 0.0279 | 0.0755 | 0.1167 | 0.0518 | 0.0651 "
+        "| `lcrec` (mean of 1 of 2 seeds) | 2.0 min |"
+    )
+    assert f"| TIGER | {dashes} | {dashes} | `tiger` (pending) | — |" in lines
+    not_run = [line for line in lines if line.startswith("| BERT4Rec")]  # a row not run shows once
+    assert not_run == [
+        f"| BERT4Rec | {dashes} | 0.0136 | 0.0468 | 0.0773 | 0.0302 | 0.0400 "
+        "| not run (no configs/industrial/bert4rec.yaml) | — |"
+    ]
+    single = reproduce.collect(tables[1], tmp_path, tmp_path / "figures")  # one seed: that run's own table
+    assert "### Table 1: main comparison (industrial, seed 43)" in single and "--seed 43 --run" in single
+    assert (tmp_path / seed43 / "table1.md").read_text() == single
