@@ -10,9 +10,10 @@ stages are skipped on a rerun) holds stage 3 (``configs/<ds>/llm.yaml`` with tha
 ``<run_dir>/seed<S>/artifacts/llm``) and one ``configs/<ds>/rl.yaml`` fit per row of :data:`ROWS`, each starting from
 that export. ``--sft_run`` points at finished stage-3 runs instead (a directory with ``export/`` and
 ``csv/version_0/test_metrics.json``, ``{seed}`` filled in). Every row is tested on every test user by stage 3's
-beam search; the table gives each seed and the mean, and its last line::
+beam search; the table gives each seed and the mean, then the rows whose mean HR@10 stays within SFT's seed
+spread, and its last line names the best of those by NDCG@10::
 
-    NDCG@10: SFT X (spread a-b), RL <row> Y (spread c-d); HR@10: SFT Z, RL W
+    NDCG@10: SFT X (spread a-b), RL: <row> Y (spread c-d); HR@10: SFT Z (spread ...), RL: <row> W (spread ...)
 """
 
 from __future__ import annotations
@@ -134,8 +135,16 @@ def report(options: argparse.Namespace, results: dict[int, dict[str, dict[str, f
         values = [results[s][label][metric] for s in seeds]
         return f"{np.mean(values):.4f} (spread {min(values):.4f}-{max(values):.4f})"
 
-    best = max(labels[1:], key=lambda label: np.mean([results[s][label]["ndcg@10"] for s in seeds]))
+    def mean(label: str, metric: str) -> float:
+        return float(np.mean([results[s][label][metric] for s in seeds]))
+
+    # the row the last line names: the best NDCG@10 among rows whose mean HR@10 stays within SFT's seed spread
+    floor = min(results[s]["SFT"]["hr@10"] for s in seeds)
+    keeping = [label for label in labels[1:] if mean(label, "hr@10") >= floor]
+    best = max(keeping or labels[1:], key=lambda label: mean(label, "ndcg@10"))
     lines += [
+        "",
+        f"Rows whose mean HR@10 stays at or above SFT's lowest seed ({floor:.4f}): {', '.join(keeping) or 'none'}.",
         "",
         f"NDCG@10: SFT {summary('SFT', 'ndcg@10')}, {best} {summary(best, 'ndcg@10')}; "
         f"HR@10: SFT {summary('SFT', 'hr@10')}, {best} {summary(best, 'hr@10')}",

@@ -55,16 +55,19 @@ def test_report_reads_finished_runs(tmp_path, capsys):
     for seed, base in ((42, 0.050), (43, 0.052)):
         _finished(tmp_path / f"sft{seed}", base, 0.08)
         _finished(run_dir / f"seed{seed}" / "rl_hit", base + 0.004, 0.081)
-        _finished(run_dir / f"seed{seed}" / "rl_rank", base - 0.001, 0.079)
+        _finished(run_dir / f"seed{seed}" / "rl_rank", base + 0.006, 0.070)  # best NDCG@10, but HR@10 falls
     argv = ["--seeds", "42", "43", "--rows", "hit", "rank", "--run_dir", str(run_dir)]
     argv += ["--sft_run", str(tmp_path / "sft{seed}"), "--report_only"]
     assert rl_rewards.main(argv) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out.strip().splitlines()
+    last = out[-1]
+    assert out[-3] == "Rows whose mean HR@10 stays at or above SFT's lowest seed (0.0800): RL: hit."
+
     assert last == (
         "NDCG@10: SFT 0.0510 (spread 0.0500-0.0520), RL: hit 0.0550 (spread 0.0540-0.0560); "
         "HR@10: SFT 0.0800 (spread 0.0800-0.0800), RL: hit 0.0810 (spread 0.0810-0.0810)"
     )
     table = (run_dir / "results.md").read_text()
-    assert "| **RL: rank** | mean | 0.0300 | 0.0600 | 0.0790 | 0.0500 | 0.0500 |" in table
+    assert "| **RL: rank** | mean | 0.0300 | 0.0600 | 0.0700 | 0.0500 | 0.0570 |" in table
     with pytest.raises(FileNotFoundError, match="rl_combined"):
         rl_rewards.main([*argv[:-1], "--rows", "combined", "--report_only"])
