@@ -245,6 +245,37 @@ def test_training_step_logs_rewards_and_backpropagates(stage3, tmp_path):
     assert logged["train/kl"].item() == pytest.approx(0.0, abs=1e-6) and logged["train/valid_rollouts"] == 1.0
 
 
+def test_a_lora_stage3_checkpoint_starts_rl_merged(stage3, tmp_path):
+    """A stage-3 LoRA checkpoint: its adapter is rebuilt, loaded and merged; RL starts from the SFT scores."""
+    torch.manual_seed(1)
+    sft = GenerativeRecommender(
+        tokenizer_path=str(stage3.tokenizer), llama_config=TINY_LLAMA, lora=True, full_finetune=False,
+        code_softmax="vocabulary", lora_rank=4,
+    )  # fmt: skip
+    _attach(sft, stage3.dm).setup("fit")
+    sft.configure_model()
+    with torch.no_grad():  # a trained adapter: B != 0, so merging changes the weights
+        for name, param in sft.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    checkpoint = {"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}
+    sft.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "lora.ckpt")
+    module = PreferenceOptimizer(
+        init_from=str(tmp_path / "lora.ckpt"), tokenizer_path=str(stage3.tokenizer), llama_config=TINY_LLAMA,
+        code_softmax="vocabulary", group_size=4,
+    )  # fmt: skip
+    _attach(module, stage3.dm).setup("fit")
+    module.configure_model()
+    batch = _batch(stage3)
+    sft.eval(), module.eval()
+    with torch.no_grad():
+        expected = sft.causal_lm()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = module.causal_lm()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not any("lora" in name for name, _ in module.model.named_parameters())  # merged into plain weights
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_starts_are_refused(stage3, tmp_path):
     with pytest.raises(ValueError, match="trainer.strategy: DeepSpeed ZeRO-3"):
         module = PreferenceOptimizer(
