@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.catalogue import DataFormatError
-from datamodules.prompt_tasks import PromptTasks, left_padded
+from datamodules.prompt_batches import left_padded
+from datamodules.prompt_tasks import PromptTasks
 from datamodules.prompt_templates import HISTORY_SEPARATOR, eval_prompt
 
 

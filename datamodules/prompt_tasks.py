@@ -8,6 +8,9 @@ tokenized per batch with the fast tokenizer, which costs far less than one LLM s
 Each training sequence is ``prompt ids + response ids + [EOS]``. Item codes in a response are the code
 tokens' ids directly (exactly what the constrained decoder emits after ``### Response:``); text responses
 are tokenized without special tokens. Labels are ``-100`` on the prompt and on padding.
+
+The source tables are read by :mod:`datamodules.task_sources`, packs are planned by :mod:`datamodules.pack_plan`,
+and token lists become batch tensors in :mod:`datamodules.prompt_batches`.
 """
 
 from __future__ import annotations
@@ -23,25 +26,25 @@ from datamodules.cold_items import cold_items_of
 from datamodules.errors import require
 from datamodules.item_index import ItemIndex
 from datamodules.negatives import interaction_keys, sample_negatives
-from datamodules.packing import collate_packs, pack_tree
+from datamodules.pack_plan import pack_lengths, plan_packs
+from datamodules.prompt_batches import left_padded, packed, right_padded, tokenize_samples
 from datamodules.prompt_templates import (
     HISTORY_SEPARATOR,
     NEGATIVE,
     QUERY,
     SEQUENTIAL,
+    TEMPLATE_DRAW,
     TEXT_KINDS,
-    clean_text,
     eval_prompt,
     frame,
 )
 from datamodules.split import LeaveLastOutSplit, SampleIndex
+from datamodules.task_sources import text_pairs, training_queries
 
 log = logging.getLogger(__name__)
 
 TASKS = ("sequential", "negative", "text", "query")
 SEQUENTIAL_TASK, NEGATIVE_TASK, TEXT_TASK, QUERY_TASK = range(len(TASKS))
-#: Templates are drawn as ``rng.integers(TEMPLATE_DRAW) % len(templates)``: 12 is divisible by every set size (2, 3, 4).
-TEMPLATE_DRAW = 12
 
 
 @dataclass(frozen=True)
@@ -85,17 +88,6 @@ def _scaled(rows: np.ndarray, weight: float, rng: np.random.Generator) -> np.nda
 def char_counts(texts: list[str]) -> np.ndarray:
     """``[len(texts)]`` character count of each text."""
     return np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-
-
-def left_padded(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` ``[B, T]`` of prompts left-padded to the longest (generation layout)."""
-    width = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for out, ids in enumerate(prompt_ids):
-        input_ids[out, width - len(ids) :] = torch.tensor(ids)
-        attention[out, width - len(ids) :] = 1
-    return input_ids, attention
 
 
 class PromptTasks:
@@ -173,49 +165,19 @@ class PromptTasks:
         self._build_queries("the query-alignment task" if self.weights.query > 0 else None)
 
     def _build_text_pairs(self) -> None:
-        self.texts: dict[str, list[str]] = {
-            "title": [""] * self.catalogue.num_items,
-            "description": [""] * self.catalogue.num_items,
-        }
-        items, kinds = [], []
-        cold = set(self.cold_items.tolist())
-        for item, fields in (self.catalogue.item_text or {}).items():
-            if item in cold:
-                continue
-            for kind, (_, prompt_field, response_field) in enumerate(TEXT_KINDS):
-                name = prompt_field or response_field
-                if not self.texts[name][item]:
-                    self.texts[name][item] = clean_text(fields.get(name, ""))
-                if self.texts[name][item]:
-                    items.append(item)
-                    kinds.append(kind)
-        self.text_item, self.text_kind = np.array(items, dtype=np.int64), np.array(kinds, dtype=np.int64)
-        if self.weights.text > 0 and not items:
+        self.texts, self.text_item, self.text_kind = text_pairs(self.catalogue, self.cold_items)
+        if self.weights.text > 0 and not len(self.text_item):
             log.info("%s has no item text: the text-alignment task is skipped", self.catalogue.name)
 
     def _build_queries(self, task: str | None) -> None:
         """Reviews of training interactions only (``items[:-2]``, never a validation or test target); ``task``
         names the task that uses them in the log line of a dataset without reviews (None: not used, no line)."""
-        reviews = {key: text.strip() for key, text in (self.catalogue.reviews or {}).items() if text and text.strip()}
-        num_items = self.catalogue.num_items
+        self.query_item, self.query_text, reviews = training_queries(self.catalogue, self.split)
         if not reviews:
             if task is not None:
                 log.info("%s has no reviews: %s is skipped", self.catalogue.name, task)
-            self.query_item, self.query_text = np.zeros(0, dtype=np.int64), []
             return
-        pairs = np.array(list(reviews), dtype=np.int64)
-        train_users, train_items = self.split.train_interactions()
-        held_out = np.concatenate([self.split.valid.target_pos, self.split.test.target_pos])
-        held_users = np.concatenate([self.split.valid.user, self.split.test.user])
-        keys = pairs[:, 0] * num_items + pairs[:, 1]
-        # a review of an item the user also has as a held-out target may describe that interaction: leave it out
-        keep = np.isin(keys, train_users * num_items + train_items) & ~np.isin(
-            keys, held_users * num_items + self.catalogue.items[held_out]
-        )
-        texts = list(reviews.values())
-        self.query_item = pairs[keep, 1]
-        self.query_text = [texts[i] for i in np.flatnonzero(keep)]
-        log.info("query alignment: %d of %d reviews are of training interactions", int(keep.sum()), len(pairs))
+        log.info("query alignment: %d of %d reviews are of training interactions", len(self.query_item), reviews)
 
     # ------------------------------------------------------------------------------------------ plan
     def set_epoch(self, epoch: int) -> None:
@@ -256,38 +218,11 @@ class PromptTasks:
     def _plan_packs(self, rng: np.random.Generator) -> None:
         """Group the plan into packs (``self.pack`` training prefixes of one user each) and align templates."""
         behaviour = np.flatnonzero(self.task <= NEGATIVE_TASK)
-        source = self.source[behaviour]
-        user = self.split.train.user[source]
-        behaviour = behaviour[np.lexsort((self.task[behaviour], source, user))]
-        source, user = self.source[behaviour], self.split.train.user[self.source[behaviour]]
-        new_user = np.r_[True, user[1:] != user[:-1]] if len(behaviour) else np.zeros(0, dtype=bool)
-        new_source = np.r_[True, source[1:] != source[:-1]] if len(behaviour) else np.zeros(0, dtype=bool)
-        # prefixes counted within each user; a pack starts at a user's first prefix and every `pack` prefixes
-        prefix = np.cumsum(new_source) - 1
-        prefix_in_user = prefix - np.maximum.accumulate(np.where(new_user, prefix, 0))
-        starts = np.flatnonzero(new_user | (new_source & (prefix_in_user % self.pack == 0)))
-        # Text and query samples are packed too, as many random ones of a task per pack as a behaviour pack holds
-        # on average: batches count packs, so packs of one would hand these tasks (1 + ratio) x pack times their
-        # share of the optimiser steps (at 1:3 and pack 1, text 0.1 would train like text 0.4). They share the frame.
-        group = max(1, round(len(behaviour) / len(starts))) if len(starts) else 1
-        other_rows, other_starts = [], []
-        for task in (TEXT_TASK, QUERY_TASK):
-            rows = rng.permutation(np.flatnonzero(self.task == task))
-            other_starts.append(len(behaviour) + sum(map(len, other_rows)) + np.arange(0, len(rows), group))
-            other_rows.append(rows)
-        others = np.concatenate(other_rows)
-        self.pack_rows = np.concatenate([behaviour, others])
-        self.pack_offsets = np.r_[starts, *other_starts, len(self.pack_rows)].astype(np.int64)
-        prefixes = np.add.reduceat(new_source.astype(np.int64), starts) if len(starts) else starts
-        self.pack_prefixes = np.r_[prefixes, np.zeros(sum(map(len, other_starts)), dtype=np.int64)]  # 0: not behaviour
-        # one draw per pack: the sequential template t % 4; negatives take NEGATIVE[t % 4], the same wording up
-        # to the question, when it exists (t % 4 < 3) and else a uniform one, so P(NEGATIVE[k]) = 1/4 + 1/12 = 1/3
-        pack_of_row = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(behaviour)]))
-        draw, fallback = rng.integers(0, TEMPLATE_DRAW, len(starts)), rng.integers(0, len(NEGATIVE), len(starts))
-        sequential_template = draw % len(SEQUENTIAL)
-        negative_template = np.where(sequential_template < len(NEGATIVE), sequential_template, fallback)
-        is_negative = self.task[behaviour] == NEGATIVE_TASK
-        self.template[behaviour] = np.where(is_negative, negative_template[pack_of_row], draw[pack_of_row])
+        others = [np.flatnonzero(self.task == task) for task in (TEXT_TASK, QUERY_TASK)]
+        is_negative = self.task == NEGATIVE_TASK
+        plan = plan_packs(behaviour, is_negative, others, self.source, self.split.train.user, self.pack, rng)
+        self.pack_rows, self.pack_offsets, self.pack_prefixes = plan.rows, plan.offsets, plan.prefixes
+        self.template[plan.behaviour] = plan.templates
 
     def __len__(self) -> int:
         """Training units of the epoch: samples, or packs when packing."""
@@ -318,14 +253,8 @@ class PromptTasks:
             return lengths
         if len(self) == 0:
             return lengths[:0]
-        starts, sizes = self.pack_offsets[:-1], np.diff(self.pack_offsets)
-        behaviour = (
-            np.maximum.reduceat(lengths[self.pack_rows], starts)
-            + (sizes - 1) * (self.item_index.tokens_per_item + 2)
-            + (self.pack_prefixes - 1) * 30
-        )
-        # a text/query pack shares only the frame: its samples' lengths add up
-        return np.where(self.pack_prefixes > 0, behaviour, np.add.reduceat(lengths[self.pack_rows], starts))
+        tokens_per_item = self.item_index.tokens_per_item
+        return pack_lengths(lengths, self.pack_rows, self.pack_offsets, self.pack_prefixes, tokens_per_item)
 
     def behaviour_lengths(self) -> np.ndarray:
         """Rough prompt tokens of every training prefix: its history's items x (code tokens + separator)."""
@@ -402,59 +331,29 @@ class PromptTasks:
         """Prompt ids, response ids + EOS, the rows' tasks and which rows fit ``max_length``."""
         tokenizer = self._tokenizer()
         prompts, responses = self.render(rows)
-        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        text_rows = [i for i, response in enumerate(responses) if isinstance(response, str)]
-        text_ids = (
-            tokenizer([responses[i] for i in text_rows], add_special_tokens=False)["input_ids"] if text_rows else []
-        )
-        response_ids = [None if isinstance(r, str) else self.code_ids[r].tolist() for r in responses]
-        for i, ids in zip(text_rows, text_ids, strict=False):
-            response_ids[i] = ids
-        response_ids = [ids + [tokenizer.eos_token_id] for ids in response_ids]
-        fits = np.array(
-            [len(p) + len(r) <= self.max_length for p, r in zip(prompt_ids, response_ids, strict=False)], dtype=bool
-        )
+        prompt_ids, response_ids, fits = tokenize_samples(tokenizer, prompts, responses, self.code_ids, self.max_length)
         return prompt_ids, response_ids, self.task[rows], fits
+
+    def _dropped(self, tasks: np.ndarray, fits: np.ndarray) -> torch.Tensor:
+        """Per task, how many of the samples did not fit ``max_length``."""
+        return torch.from_numpy(np.bincount(tasks[~fits], minlength=len(self.TASK_NAMES)))
 
     def sample_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``/``attention_mask``/``labels`` (-100 off the response), ``task`` and "
         "``dropped``."""
         prompt_ids, response_ids, tasks, fits = self._tokenized(rows)
         keep = np.flatnonzero(fits)
-        lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=False)], dtype=np.int64)
-        width = int(lengths[keep].max()) if len(keep) else 0
-        input_ids = torch.full((len(keep), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(keep), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(keep), width), dtype=torch.long)
-        for out, i in enumerate(keep):
-            prompt, response = prompt_ids[i], response_ids[i]
-            input_ids[out, : lengths[i]] = torch.tensor(prompt + response)
-            labels[out, len(prompt) : lengths[i]] = torch.tensor(response)
-            attention[out, : lengths[i]] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "labels": labels,
-            "task": torch.from_numpy(tasks[keep]),
-            "dropped": torch.from_numpy(np.bincount(tasks[~fits], minlength=len(self.TASK_NAMES))),
-        }
+        batch = right_padded(prompt_ids, response_ids, keep, self.tokenizer.pad_token_id)
+        return {**batch, "task": torch.from_numpy(tasks[keep]), "dropped": self._dropped(tasks, fits)}
 
     def packed_batch(self, packs: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Packs of plan rows as prefix-tree rows: ``input_ids``/``position_ids``/``labels [B, T]``, a boolean
         ``attention_mask [B, 1, T, T]``, ``task`` of the kept samples and ``dropped`` (:mod:`datamodules.packing`)."""
         rows = np.concatenate(packs) if packs else np.zeros(0, dtype=np.int64)
         prompt_ids, response_ids, tasks, fits = self._tokenized(rows)
-        bounds = np.cumsum([0] + [len(pack) for pack in packs])
-        trees = []
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
-            kept = [i for i in range(start, stop) if fits[i]]
-            if kept:
-                trees.append(pack_tree([prompt_ids[i] for i in kept], [response_ids[i] for i in kept]))
-        batch = collate_packs(trees, self.tokenizer.pad_token_id)
-        batch.update(
-            task=torch.from_numpy(tasks[fits]),
-            dropped=torch.from_numpy(np.bincount(tasks[~fits], minlength=len(self.TASK_NAMES))),
-        )
+        sizes = [len(pack) for pack in packs]
+        batch = packed(prompt_ids, response_ids, fits, sizes, self.tokenizer.pad_token_id)
+        batch.update(task=torch.from_numpy(tasks[fits]), dropped=self._dropped(tasks, fits))
         return batch
 
     def eval_batch(self, index: SampleIndex, rows: np.ndarray) -> dict[str, torch.Tensor]:

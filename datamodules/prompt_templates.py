@@ -67,6 +67,9 @@ TEXT_KINDS = (
 
 HISTORY_SEPARATOR = ", "
 
+#: Templates are drawn as ``rng.integers(TEMPLATE_DRAW) % len(templates)``: 12 is divisible by every set size (2, 3, 4).
+TEMPLATE_DRAW = 12
+
 
 def frame(instruction: str) -> str:
     """The full prompt (everything before the response) for one instruction."""

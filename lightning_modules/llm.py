@@ -10,17 +10,19 @@
 3. LoRA (peft) on ``lora_target_modules`` with ``trainable_token_indices`` on the input embedding and LM head:
    only the rows of the new code tokens are trainable in the embedding and the LM head (peft keeps them as
    separate parameters and swaps them in; tied embeddings are handled by peft), so the 32k original rows
-   stay frozen without a gradient-mask hook; or full fine-tuning as in LC-Rec (``full_finetune``);
+   stay frozen without a gradient-mask hook (:mod:`lightning_modules.components.lora`); or full fine-tuning as in
+   LC-Rec (``full_finetune``);
 4. the datamodule gets the tokenizer (``set_tokenizer``) and the code trie is built for constrained decoding (a
    submodule whose tables are buffers, so Lightning moves them with the model).
 
-Training computes logits only at supervised positions (labels != -100): the LM head over the whole prompt
-would cost ``T x vocab`` per sample for nothing. With ``code_softmax: trie`` a position whose target is an item
-code scores only the codes that continue its prefix in the item trie (what the constrained decoder can pick
-there), the EOS that closes a code is not trained (the trie forces it), and decoding renormalises over the
-allowed tokens: training maximises exactly the item likelihood the decoder ranks by. Text positions keep the
-full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so this is also a faster step
-(docs/notes.md); with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM loss).
+Training (:mod:`lightning_modules.components.sft_loss`) computes logits only at supervised positions
+(labels != -100): the LM head over the whole prompt would cost ``T x vocab`` per sample for nothing. With
+``code_softmax: trie`` a position whose target is an item code scores only the codes that continue its prefix in the
+item trie (what the constrained decoder can pick there), the EOS that closes a code is not trained (the trie forces
+it), and decoding renormalises over the allowed tokens: training maximises exactly the item likelihood the decoder
+ranks by. Text positions keep the full vocabulary. On a small model the ``N x vocab`` LM head dominates a step, so
+this is also a faster step (docs/notes.md); with a pretrained LLM keep the default ``vocabulary`` (LC-Rec's plain LM
+loss).
 
 Every evaluation decodes the top-K items by trie-constrained beam search through one method, :meth:`rank_items`
 (:func:`lightning_modules.components.decoding.beam_eval_batch`, over a code-vocabulary view of the model):
@@ -30,22 +32,21 @@ validation logs ``val/hr@10`` etc. from the module, the final test is run by :cl
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.base import BeamRanker, CheckpointMismatchError, check_dataset_fingerprint
-from lightning_modules.components.code_embeddings import code_rows
-from lightning_modules.components.code_logprob import trie_code_rows, trie_level_logits
+from lightning_modules.components import sft_loss
+from lightning_modules.components.code_embeddings import init_code_rows
 from lightning_modules.components.code_view import causal_lm_of
 from lightning_modules.components.cold_ranking import ColdPrefixTable
 from lightning_modules.components.decoding import BeamBatchResult, DecodingConfig, beam_eval_batch
+from lightning_modules.components.lora import DEFAULT_LORA_TARGETS, add_lora
 from lightning_modules.components.trie import CodeTrie
 from lightning_modules.metrics import TopKMetrics
 from lightning_modules.optimizers import adamw
@@ -53,29 +54,7 @@ from lightning_modules.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_TOKEN = "<pad>"
-
-
-def add_lora(
-    model: nn.Module, code_token_ids: list[int], rank: int, alpha: int, dropout: float, target_modules: list[str]
-) -> nn.Module:
-    """``model`` under peft LoRA on ``target_modules``, with the code tokens' embedding and LM-head rows trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
-        raise ImportError("LoRA with trainable code-token rows needs peft>=0.15 (LoraConfig.trainable_token_indices)")
-    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
-    rows = {names[model.get_input_embeddings()]: code_token_ids, names[model.get_output_embeddings()]: code_token_ids}
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        trainable_token_indices=rows,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
 
 
 class GenerativeRecommender(BeamRanker, L.LightningModule):
@@ -258,18 +237,9 @@ class GenerativeRecommender(BeamRanker, L.LightningModule):
     def _init_code_embeddings(self, model: nn.Module, index, token_ids: torch.Tensor) -> None:
         """Table 7: new input rows = MLP(code vector) (or an orthogonal map of it), at the original rows' scale."""
         books = index.code_vectors()  # [L, K, dim]; a bare index.json has none and says so
-        levels, size, dim = books.shape
-        weight = model.get_input_embeddings().weight
-        width = model.get_input_embeddings().embedding_dim  # weight.shape is (0,) under ZeRO-3 sharding
-        gathered = contextlib.nullcontext()
-        if self._zero_stage_3():  # write the rows into the full matrix, then re-shard it (rank 0's values win)
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
-        with gathered, torch.no_grad():
-            old = weight[: min(self.code_token_ids)].float()  # the original vocabulary
-            rows, how = code_rows(books.reshape(-1, dim), self.hparams.code_embedding_init, width, old)
-            weight[token_ids[:levels, :size].reshape(-1)] = rows.to(weight.dtype)
+        method, first_code_token = self.hparams.code_embedding_init, min(self.code_token_ids)
+        how = init_code_rows(model, books, token_ids, method, first_code_token, self._zero_stage_3())
+        levels, size, _ = books.shape
         log.info(
             "initialised %d code-token input rows from %dx%d code vectors via %s", levels * size, levels, size, how
         )
@@ -336,68 +306,8 @@ class GenerativeRecommender(BeamRanker, L.LightningModule):
     # ---------------------------------------------------------------------------------------- training
     def response_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over supervised tokens, with the LM head applied to those positions only."""
-        lm = self.causal_lm()
-        mask = batch["attention_mask"]
-        if mask.ndim == 4:  # packed prefix trees (datamodules.packing): a boolean ancestor mask
-            mask = self._tree_mask(lm, mask)
-        hidden = lm.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"), use_cache=False
-        ).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        supervised = targets != -100
-        if self.hparams.code_softmax == "trie":
-            return self._trie_loss(lm, hidden[:, :-1], targets, supervised)
-        logits = lm.get_output_embeddings()(hidden[:, :-1][supervised])
-        return F.cross_entropy(logits.float(), targets[supervised])
-
-    @staticmethod
-    def _tree_mask(lm: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-        """A packed batch's boolean ``[B, 1, T, T]`` mask in the form the attention implementation takes as-is."""
-        implementation = getattr(lm.config, "_attn_implementation", "sdpa")
-        if implementation == "sdpa":
-            return mask  # SDPA reads True as "attend"
-        if implementation == "eager":
-            dtype = lm.get_input_embeddings().weight.dtype
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        raise ValueError(
-            f"pack_prompts needs an attention implementation that takes a 4-D mask (sdpa or eager); the model "
-            f"uses {implementation!r}: set pack_prompts: 0 or attn_implementation: sdpa"
-        )
-
-    def _trie_loss(
-        self, lm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor
-    ) -> torch.Tensor:
-        """Cross-entropy with each code target scored among the trie's continuations of its prefix.
-
-        That is the exact log-likelihood of the item under the renormalised constrained decoder: a product over
-        code positions of softmaxes over the valid next codes. Text targets keep the whole vocabulary; the EOS
-        that closes a code is not trained (the trie forces it). One pass per code depth (L of them).
-        """
-        trie = self.code_trie
-        head = lm.get_output_embeddings()
-        bound = trie.token_slot.shape[1]
-        in_range = supervised & (targets < bound)
-        slots = torch.where(in_range[None], trie.token_slot[:, targets.clamp(0, bound - 1)], -1)  # [L, B, T]
-        depth = torch.where((slots >= 0).any(0), (slots >= 0).long().argmax(0), -1)  # code level of each target
-        previous_is_code = F.pad(depth[:, :-1] >= 0, (1, 0), value=False)
-        closes_code = (targets == trie.eos_token_id) & previous_is_code
-        total = hidden.new_zeros((), dtype=torch.float32)
-        coded = torch.zeros_like(supervised)
-        code_rows = trie_code_rows(head, trie)  # one gather of every level's LM-head rows
-        for d in range(trie.code_length):  # an empty depth contributes a zero sum
-            rows, cols = torch.nonzero(depth == d, as_tuple=True)
-            prefix = targets[rows[:, None], (cols[:, None] - d + torch.arange(d, device=targets.device)).clamp(min=0)]
-            state = trie.walk(prefix)
-            valid = (state >= 0) & (
-                cols >= d
-            )  # a code token outside any item's code (e.g. in a text) is scored as text
-            rows, cols, state = rows[valid], cols[valid], state[valid]
-            logits = trie_level_logits(hidden[rows, cols], code_rows[d], trie, state)
-            total = total + F.cross_entropy(logits, slots[d, rows, cols], reduction="sum")
-            coded[rows, cols] = True
-        is_text = supervised & ~coded & ~closes_code
-        total = total + F.cross_entropy(head(hidden[is_text]).float(), targets[is_text], reduction="sum")
-        return total / (coded | is_text).sum().clamp(min=1)
+        trie = self.code_trie if self.hparams.code_softmax == "trie" else None
+        return sft_loss.response_loss(self.causal_lm(), batch, trie)
 
     def on_train_epoch_start(self) -> None:
         set_epoch = getattr(self.trainer.datamodule, "set_epoch", None)

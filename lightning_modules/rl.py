@@ -55,6 +55,7 @@ from lightning_modules.base import CheckpointMismatchError, check_dataset_finger
 from lightning_modules.components.code_logprob import item_token_logprobs
 from lightning_modules.components.code_view import causal_lm_of
 from lightning_modules.components.grpo import group_advantages, grpo_loss
+from lightning_modules.components.lora import DEFAULT_LORA_TARGETS, add_lora
 from lightning_modules.components.rewards import (
     RewardWeights,
     distance_reward,
@@ -64,7 +65,7 @@ from lightning_modules.components.rewards import (
     total_reward,
 )
 from lightning_modules.components.rollouts import beam_rollouts, sample_rollouts
-from lightning_modules.llm import DEFAULT_LORA_TARGETS, GenerativeRecommender, add_lora
+from lightning_modules.llm import GenerativeRecommender
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from datamodules.prompt_templates import NEGATIVE, SEQUENTIAL
 from datamodules.prompts import LengthGroupedPlan
 from lightning_modules import GenerativeRecommender
 from lightning_modules.cli import main
+from lightning_modules.components.sft_loss import tree_mask
 from tests.test_prompts_llm import _callbacks, full_model, llm_run_args, load_tokenizer, synthetic_codes, write_index
 
 
@@ -164,7 +165,7 @@ def test_flash_attention_cannot_take_a_tree_mask(packed_dm):
     with pytest.raises(ValueError, match="pack_prompts"):
         PromptDataModule(pack_prompts=-1)
     with pytest.raises(ValueError, match="pack_prompts"):
-        GenerativeRecommender._tree_mask(lm, torch.ones(1, 1, 2, 2, dtype=torch.bool))
+        tree_mask(lm, torch.ones(1, 1, 2, 2, dtype=torch.bool))
 
 
 def test_fit_with_packed_prompts_through_the_cli(synthetic_dir, tiny_tokenizer, tmp_path):

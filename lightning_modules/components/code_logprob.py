@@ -7,8 +7,8 @@ Two scorings, matching the two ways :func:`lightning_modules.components.decoding
 * otherwise: every code token and the closing EOS by the model's softmax over the whole vocabulary.
 
 The sum over an item's tokens is the beam-search score of that item (HF's ``sequences_scores`` with
-``length_penalty=0``). :func:`trie_code_rows` and :func:`trie_level_logits` are the pieces stage 3's
-``GenerativeRecommender._trie_loss`` uses too, so training, RL and decoding score codes one way.
+``length_penalty=0``). :func:`trie_code_rows` and :func:`trie_level_logits` are the pieces stage 3's loss
+(:func:`lightning_modules.components.sft_loss.trie_loss`) uses too, so training, RL and decoding score codes one way.
 """
 
 from __future__ import annotations
