@@ -34,6 +34,8 @@ class DatasetSpec:
         llm_gpu: stage 3 runs on GPUs only (a 7B model); it also needs ``--llm-path`` (a placeholder model path).
         tiny_llama: a from-scratch LLM directory that a ``python`` stage writes first (its input embeddings
             align stage 2's codes, stage 3 fine-tunes it).
+        tiny_tokenizer: a tokenizer directory that a ``python`` stage trains first, for stage-3 configs that build
+            their LLM from a ``llama_config`` (its ``tokenizer_path``).
     """
 
     name: str
@@ -41,6 +43,7 @@ class DatasetSpec:
     llm: tuple[str, ...]
     llm_gpu: bool = False
     tiny_llama: str | None = None
+    tiny_tokenizer: str | None = None
 
     @property
     def dccf(self) -> str:
@@ -70,7 +73,9 @@ DATASETS = {
         ("configs/industrial/llm.yaml",),
         tiny_llama="artifacts/industrial/tiny_llama",
     ),
-    "synthetic": DatasetSpec("synthetic", "synthetic", ("configs/synthetic/llm.yaml",)),
+    "synthetic": DatasetSpec(
+        "synthetic", "synthetic", ("configs/synthetic/llm.yaml",), tiny_tokenizer="artifacts/synthetic/tokenizer"
+    ),
     "games": DatasetSpec("games", "Games", ("configs/llm/lora_7b.yaml", "configs/trainer/gpu.yaml"), llm_gpu=True),
 }
 
@@ -181,9 +186,18 @@ class StageBuilder:
         )
         return (out,)
 
+    def tiny_tokenizer(self) -> tuple[str, ...]:
+        """The tokenizer stage of a stage-3 config that builds its LLM in code; returns the inputs it adds."""
+        if self.dataset.tiny_tokenizer is None or self.llm_path is not None:
+            return ()
+        out = self.dataset.tiny_tokenizer
+        script = "experiments/make_tiny_tokenizer.py"
+        self._add(Stage("tokenizer", "python", args=("--out", out), artifact=out, script=script))
+        return (out,)
+
     def dccf(self) -> Stage:
         """Stage 1: behaviour embeddings (tested too: the DCCF row of Tables 1 and 8)."""
-        self.tiny_llama()
+        self.tiny_llama(), self.tiny_tokenizer()  # the python stages first, as the pipeline files list them
         out = self.artifact("dccf")
         args = ("--trainer.callbacks.init_args.output_dir", out)
         return self._add(Stage("dccf", "fit", (self.dataset.dccf,), args, self.data, out, "DCCF"))
@@ -209,20 +223,23 @@ class StageBuilder:
         self,
         name: str,
         row: str,
-        codebook: Stage,
+        codebook: Stage | None,
         pieces: tuple[str, ...] = (),
         args: tuple[str, ...] = (),
         base: tuple[str, ...] | None = None,
     ) -> Stage:
-        """Stage 3 on ``codebook``'s index, with override pieces; ``base`` replaces the dataset's stage-3 configs."""
+        """Stage 3 on ``codebook``'s index (None: the config's own, e.g. the dataset's published index), with override
+        pieces; ``base`` replaces the dataset's stage-3 configs."""
         out = self.artifact(name)
-        args = ("--data.init_args.index", codebook.artifact, "--trainer.callbacks.init_args.output_dir", out, *args)
+        index = ("--data.init_args.index", codebook.artifact) if codebook is not None else ()
+        args = (*index, "--trainer.callbacks.init_args.output_dir", out, *args)
         if self.llm_path is not None and base is None:
             args += ("--model.init_args.model_path", self.llm_path)
         if self.steps is not None:
             args += ("--trainer.max_time", "null", "--trainer.max_steps", str(self.steps))
         config = (*(base or self.dataset.llm), *(f"{PIECES}/{piece}.yaml" for piece in pieces))
-        inputs = (codebook.artifact, *self.tiny_llama(), *self.data)
+        index_input = (codebook.artifact,) if codebook is not None else ()
+        inputs = (*index_input, *self.tiny_llama(), *self.tiny_tokenizer(), *self.data)
         self.llm_stages.add(name)
         return self._add(Stage(name, "fit", config, args, inputs, out, row))
 
@@ -271,10 +288,14 @@ class StageBuilder:
         return self._add(Stage("codebook_lcrec", "fit", (path,), args, (*llm_inputs, *self.data), out))
 
     def lcrec(self) -> Stage | None:
-        """LC-Rec's stage 3 (``configs/<dataset>/lcrec.yaml``) on its own codebook; an LLM run, so ``--steps`` caps
-        it and ``--llm-path`` replaces its model as it does Ours'. None when the dataset has no such config."""
+        """LC-Rec's stage 3 (``configs/<dataset>/lcrec.yaml``) on its own codebook (or on the dataset's published
+        LC-Rec index when the config reads ``index: null``); an LLM run, so ``--steps`` caps it and ``--llm-path``
+        replaces its model as it does Ours'. None when the dataset has no such config."""
         path = self.dataset.config("lcrec")
         if path is None:
             return None
         args = ("--model.init_args.model_path", self.llm_path) if self.llm_path is not None else ()
-        return self.llm("lcrec", "LC-Rec", self.codebook_lcrec(), args=args, base=(path,))
+        # `index: null` is the dataset's own index: Games ships LC-Rec's published codes, so no tokenizer stage
+        own_index = self.dataset.value(path, "data", "init_args", "index") is None
+        codebook = None if own_index else self.codebook_lcrec()
+        return self.llm("lcrec", "LC-Rec", codebook, args=args, base=(path,))

@@ -8,9 +8,9 @@ artifact of a table run lives under ``<run_dir>/artifacts/<stage>``, so variant 
 shipped ``artifacts/<dataset>/...`` directories or each other. The stages themselves: experiments/table_stages.py.
 
 Table 1 also runs the generative baselines of issue 25 from their shipped configs: P5 (``p5.yaml``), LC-Rec (its
-own RQ-VAE codebook ``codebook_lcrec``, then ``lcrec.yaml``) and TIGER (``tiger.yaml`` on the default codebook; not
-in the paper). A seed (``build_table(seed=S)``) gives every lightning stage ``--seed_everything S`` and its own
-``run_dir`` (``runs/reproduce/<dataset>/seed<S>``).
+own RQ-VAE codebook ``codebook_lcrec``, then ``lcrec.yaml``; on Games the dataset's published LC-Rec index) and
+TIGER (``tiger.yaml`` on the default codebook; not in the paper). A seed (``build_table(seed=S)``) gives every
+lightning stage ``--seed_everything S`` and its own ``run_dir`` (``runs/reproduce/<dataset>/seed<S>``).
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ def _generative_note(b: StageBuilder, stages: dict[str, Stage | None]) -> str:
     name, parts = b.dataset.name, []
     if stages.get("P5"):
         parts.append(f"P5: `configs/{name}/p5.yaml` (item ids computed in its setup)")
-    if stages.get("LC-Rec"):
+    lcrec = stages.get("LC-Rec")
+    if lcrec and "--data.init_args.index" not in lcrec.args:  # Games: LC-Rec's published index
+        parts.append(f"LC-Rec: `configs/{name}/lcrec.yaml` on the dataset's own LC-Rec index (a stage-3 LLM run)")
+    elif lcrec:
         own = b.dataset.config("codebook_lcrec")  # else synthetic's recipe: no item text embedding there
         source = f"`{own}`" if own else f"`{b.dataset.codebook}` + `ed.yaml` + Sinkhorn mapping, over DCCF"
         parts.append(f"LC-Rec: `codebook_lcrec` ({source}), then `configs/{name}/lcrec.yaml` (a stage-3 LLM run)")

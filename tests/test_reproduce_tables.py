@@ -47,11 +47,17 @@ def _parse(stage, run_dir: str) -> dict:
 def test_every_stage_of_every_table_parses(number, dataset):
     table = _table(number, dataset, steps=7)
     artifacts = {stage.name: stage.artifact for stage in table.stages}
+    written: set[str] = set()  # what earlier python stages write (a tiny Llama, a tokenizer)
     for stage in table.stages:
         if stage.command == "python":
             assert (REPO / stage.script).is_file()
+            written.add(stage.artifact)
             continue
         config = _parse(stage, table.run_dir)
+        model = config["model"]["init_args"]
+        for key in ("model_path", "tokenizer_path"):  # a model directory is a placeholder, or an earlier stage's
+            if model.get(key) and not model[key].startswith("/models/"):
+                assert model[key] in written and model[key] in stage.inputs, f"{stage.name}: {key} {model[key]}"
         callbacks = config["trainer"]["callbacks"]
         if stage.artifact:  # the override reached the exporter (the last callback), so variants never share a dir
             assert callbacks[-1]["class_path"].endswith("Exporter")
@@ -321,10 +327,20 @@ def test_table1_trains_p5_lcrec_and_tiger_on_the_runs_own_artifacts(dataset):
     assert [(row.label, row.stage) for row in table8.rows][1:3] == [("P5", "p5"), ("LC-Rec", "lcrec")]
 
 
-def test_games_table1_has_no_lcrec_config():
-    rows = {row.label: (row.stage, row.note) for row in _table(1, "games").rows}
-    assert rows["LC-Rec"] == (None, "not run (no configs/games/lcrec.yaml)")
-    assert rows["P5"] == ("p5", None) and rows["TIGER"] == ("tiger", None)
+def test_games_table1_runs_lcrec_on_the_published_lcrec_index():
+    """Games ships LC-Rec's own RQ-VAE codes (Games.index.json): LC-Rec fine-tunes the 7B model on them directly."""
+    table = _table(1, "games")
+    rows = {row.label: (row.stage, row.note) for row in table.rows}
+    assert rows["LC-Rec"] == ("lcrec", None) and rows["P5"] == ("p5", None) and rows["TIGER"] == ("tiger", None)
+    stages = {stage.name: stage for stage in table.stages}
+    assert "codebook_lcrec" not in stages and "codebook" not in stages["lcrec"].inputs[0]
+    assert "--data.init_args.index" not in stages["lcrec"].args and "lcrec" in table.llm_stages
+    assert "on the dataset's own LC-Rec index" in table.notes[-1]
+    parsed = _parse(stages["lcrec"], table.run_dir)
+    model, data = parsed["model"]["init_args"], parsed["data"]["init_args"]
+    assert model["model_path"] == "/models/llama-7b" and model["full_finetune"] and not model["lora"]
+    assert (data["index"], data["dedupe_collisions"], data["task_preset"]) == (None, True, "lcrec")
+    assert parsed["trainer"]["max_epochs"] == 4 and model["lr"] == 5e-5  # LC-Rec's run.sh
 
 
 def test_seed_reaches_every_lightning_stage_in_its_own_run_dir(tmp_path, monkeypatch):
