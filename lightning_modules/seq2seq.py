@@ -151,7 +151,7 @@ class Seq2SeqRecommender(BeamRanker, L.LightningModule):
                 )
             for name, value in special.items():
                 setattr(model.config, name, value)
-            return model
+            return model.train()  # from_pretrained returns eval mode, which would silence T5's dropout in training
         config = T5Config(**{**self.default_t5, **(hp.t5_config or {}), "vocab_size": vocabulary.size, **special})
         return T5ForConditionalGeneration(config)
 

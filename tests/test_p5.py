@@ -284,5 +284,56 @@ def test_a_loaded_t5_grows_embedding_rows_for_the_added_id_tokens(tmp_path):
     module._trainer = SimpleNamespace(datamodule=dm)
     module.setup("fit")
     module.configure_model()
+    assert module.model.training and all(part.training for part in module.model.modules())  # dropout trains
     assert module.model.get_input_embeddings().num_embeddings == dm.vocabulary.size
     assert module.model.config.decoder_start_token_id == dm.tokenizer.pad_token_id == 0
+
+
+def _sentencepiece_t5(directory, texts: list[str]) -> None:
+    """A T5TokenizerFast over a SentencePiece unigram model trained in code, with a tiny T5 saved beside it: the
+    layout of a local t5-small copy (no SentencePiece model can be downloaded here)."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import T5Config, T5ForConditionalGeneration, T5TokenizerFast
+
+    pieces = SentencePieceUnigramTokenizer()
+    pieces.train_from_iterator(texts, vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=pieces._tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
+    )
+    tokenizer.save_pretrained(directory)
+    T5ForConditionalGeneration(T5Config(**TINY_T5, vocab_size=len(tokenizer))).save_pretrained(directory)
+
+
+def test_a_local_t5_directory_with_its_sentencepiece_tokenizer_fits_and_tests_through_the_cli(synthetic_dir, tmp_path):
+    from datamodules.p5_prompts import TEMPLATES
+
+    t5 = tmp_path / "t5-small"
+    _sentencepiece_t5(t5, [*TEMPLATES.values(), "user_ 1 2 3 4 5 6 7 8 9 0 , item_ 1 0 2 4 ->"] * 30)
+    root = tmp_path / "run"
+    args = tiny_run_args(
+        "synthetic/p5.yaml",
+        synthetic_dir,
+        root,
+        "--data.init_args.eval_batch_size=8",
+        f"--data.init_args.tokenizer_path={t5}",
+        f"--data.init_args.export_dir={tmp_path / 'index'}",
+        f"--model.init_args.model_path={t5}",
+        "--model.init_args.t5_config=null",
+        "--trainer.fast_dev_run=1",
+        "--trainer.enable_progress_bar=false",
+    )
+    main(["fit", *args])
+    lists = [json.loads(line) for line in next(root.rglob("topk_test.rank0.jsonl")).read_text().splitlines()]
+    assert len(lists) == 8 and all(len(set(entry["items"])) == 20 for entry in lists)
+    # the exported tokenizer is the SentencePiece one grown by the id tokens: labels decode to the items' id tokens
+    exported = P5DataModule(
+        data_dir=str(synthetic_dir),
+        source="lcrec",
+        dataset="Synthetic",
+        tokenizer_path=str(tmp_path / "index" / "tokenizer"),
+    )
+    exported.setup("test")
+    batch = exported.datasets["test"].__getitems__([0, 1])
+    for labels, item in zip(batch["labels"].tolist(), batch["target_item"].tolist(), strict=True):
+        assert exported.tokenizer.convert_ids_to_tokens(labels) == [*exported.item_ids.padded()[item], "</s>"]
+    assert exported.tokenizer.backend_tokenizer.model.__class__.__name__ == "Unigram"
