@@ -274,10 +274,13 @@ def test_lcrec_configs_parse_with_the_lcrec_preset():
     from lightning_modules.cli import build_cli
     from tests.conftest import CONFIGS
 
-    for config in ("industrial/lcrec.yaml", "synthetic/lcrec.yaml"):
+    for config in ("industrial/lcrec.yaml", "synthetic/lcrec.yaml", "games/lcrec.yaml"):
         cli = build_cli(["--config", str(CONFIGS / config)], run=False)
         assert cli.datamodule.task_preset == "lcrec" and cli.datamodule.negative_ratio == 0
-        assert cli.model.hparams.full_finetune
+        assert cli.model.hparams.full_finetune and not cli.model.hparams.lora
+    # Games: LC-Rec's run.sh recipe on the dataset's own (LC-Rec) index, a third of the fusion samples
+    assert cli.datamodule.index is None and cli.datamodule.dedupe_collisions
+    assert (cli.model.hparams.lr, cli.datamodule.lcrec_weights.fusionseqrec) == (5e-5, 0.33)
     cli = build_cli(["--config", str(CONFIGS / "industrial/codebook_lcrec.yaml")], run=False)
     hp = cli.model.hparams
     assert (hp.variant, hp.num_levels, hp.codebook_size, hp.rqvae_latent_dim) == ("rqvae", 4, 256, 32)
