@@ -44,7 +44,7 @@ from datamodules.base import RecDataModule, Source
 from datamodules.errors import ConfigError, require
 from datamodules.item_index import ItemIndex
 from datamodules.p5_indexing import DIGITS, ITEM_PREFIX, Indexing, ItemIds, index_items
-from datamodules.semantic_ids import SemanticIdDataModule
+from datamodules.semantic_ids import SemanticIdDataModule, decoder_targets
 from datamodules.split import LeaveLastOutSplit, SampleIndex
 from datamodules.synthetic import SyntheticSpec
 
@@ -210,15 +210,11 @@ class P5Samples(Dataset):
             "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"],
         }
-        if self.with_target:
-            target = self.split.catalogue.items[self.index.target_pos[samples]]
-            eos = np.full((len(rows), 1), self.tokenizer.eos_token_id, dtype=np.int64)
-            batch["labels"] = torch.from_numpy(np.concatenate([self.item_tokens[target], eos], axis=1))
-            batch["target_item"] = torch.from_numpy(target)
-        if self.with_seen:
-            seen_rows, seen_items = self.split.seen_items(self.index, samples)
-            batch["seen_rows"], batch["seen_items"] = torch.from_numpy(seen_rows), torch.from_numpy(seen_items)
-        return batch
+        eos = self.tokenizer.eos_token_id
+        targets = decoder_targets(
+            self.split, self.index, samples, self.item_tokens, eos, self.with_target, self.with_seen
+        )
+        return batch | targets
 
 
 class P5DataModule(SemanticIdDataModule):

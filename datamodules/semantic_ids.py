@@ -102,6 +102,38 @@ def encoder_inputs(
     return tokens[:, -width:], real[:, -width:].astype(np.int64)
 
 
+def decoder_targets(
+    split: LeaveLastOutSplit,
+    index: SampleIndex,
+    rows: np.ndarray,
+    item_tokens: np.ndarray,
+    eos_token_id: int,
+    with_target: bool,
+    with_seen: bool,
+) -> dict[str, torch.Tensor]:
+    """The target and seen-item keys of a seq2seq batch (shared by TIGER's and P5's samples).
+
+    Args:
+        split: the leave-last-out split.
+        index: the stage's samples.
+        rows: the batch's sample rows of ``index``.
+        item_tokens: ``[num_items(+1), T]`` decoder token ids of every item.
+        eos_token_id: appended to every label row.
+        with_target: add ``labels`` (the target's tokens, then EOS) and ``target_item``.
+        with_seen: add ``seen_rows``/``seen_items`` (evaluation).
+    """
+    batch = {}
+    if with_target:
+        target = split.catalogue.items[index.target_pos[rows]]
+        eos = np.full((len(rows), 1), eos_token_id, dtype=np.int64)
+        batch["labels"] = torch.from_numpy(np.concatenate([item_tokens[target], eos], axis=1))
+        batch["target_item"] = torch.from_numpy(target)
+    if with_seen:
+        seen_rows, seen_items = split.seen_items(index, rows)
+        batch["seen_rows"], batch["seen_items"] = torch.from_numpy(seen_rows), torch.from_numpy(seen_items)
+    return batch
+
+
 class SemanticIdSamples(Dataset):
     """Samples of one split stage as token ids (see the module docstring); batches built in ``__getitems__``.
 
@@ -148,15 +180,10 @@ class SemanticIdSamples(Dataset):
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask),
         }
-        if self.with_target:
-            target = self.split.catalogue.items[self.index.target_pos[rows]]
-            eos = np.full((len(rows), 1), vocabulary.eos_token_id, dtype=np.int64)
-            batch["labels"] = torch.from_numpy(np.concatenate([self.table[target], eos], axis=1))
-            batch["target_item"] = torch.from_numpy(target)
-        if self.with_seen:
-            seen_rows, seen_items = self.split.seen_items(self.index, rows)
-            batch["seen_rows"], batch["seen_items"] = torch.from_numpy(seen_rows), torch.from_numpy(seen_items)
-        return batch
+        targets = decoder_targets(
+            self.split, self.index, rows, self.table, vocabulary.eos_token_id, self.with_target, self.with_seen
+        )
+        return batch | targets
 
 
 class SemanticIdDataModule(RecDataModule):
