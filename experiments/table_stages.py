@@ -175,25 +175,22 @@ class StageBuilder:
     def artifact(self, name: str) -> str:
         return f"{self.run_dir}/artifacts/{name}"
 
-    def tiny_llama(self) -> tuple[str, ...]:
-        """The from-scratch LLM stage when the dataset uses one; returns the inputs it adds to later stages."""
-        if self.dataset.tiny_llama is None or self.llm_path is not None:
+    def _from_scratch(self, name: str, out: str | None, script: str) -> tuple[str, ...]:
+        """A ``python`` stage writing ``out`` for the configs that build their LLM in code (none when the dataset
+        needs none, or ``--llm-path`` names a real LLM); returns the inputs it adds to later stages."""
+        if out is None or self.llm_path is not None:
             return ()
-        out = self.dataset.tiny_llama
         # its output is its artifact: a deleted or changed directory no longer matches the record and is rebuilt
-        self._add(
-            Stage("tiny_llama", "python", args=("--out", out), artifact=out, script="experiments/make_tiny_llama.py")
-        )
+        self._add(Stage(name, "python", args=("--out", out), artifact=out, script=script))
         return (out,)
 
+    def tiny_llama(self) -> tuple[str, ...]:
+        """The from-scratch LLM whose input embeddings align stage 2's codes and which stage 3 fine-tunes."""
+        return self._from_scratch("tiny_llama", self.dataset.tiny_llama, "experiments/make_tiny_llama.py")
+
     def tiny_tokenizer(self) -> tuple[str, ...]:
-        """The tokenizer stage of a stage-3 config that builds its LLM in code; returns the inputs it adds."""
-        if self.dataset.tiny_tokenizer is None or self.llm_path is not None:
-            return ()
-        out = self.dataset.tiny_tokenizer
-        script = "experiments/make_tiny_tokenizer.py"
-        self._add(Stage("tokenizer", "python", args=("--out", out), artifact=out, script=script))
-        return (out,)
+        """The tokenizer of stage-3 configs that build their LLM from a ``llama_config``."""
+        return self._from_scratch("tokenizer", self.dataset.tiny_tokenizer, "experiments/make_tiny_tokenizer.py")
 
     def dccf(self) -> Stage:
         """Stage 1: behaviour embeddings (tested too: the DCCF row of Tables 1 and 8)."""
